@@ -1,0 +1,35 @@
+# Two commands for a new machine:  `make demo` (the main job on the embedded default) and `make test`.
+PY    ?= python3
+VENV  ?= .venv
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+
+export HF_HUB_OFFLINE ?= 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export RAY_AUTH_MODE := disabled
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup demo test bench lock clean
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --no-deps -r requirements.lock
+	$(BIN)/pip uninstall -y dataclasses 2>/dev/null || true
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: setup          ## the main job: the whole pipeline on the embedded default (CPU, offline, minutes)
+	$(BIN)/python -m flows.demo
+
+test: setup          ## every test but those that need a GPU
+	$(BIN)/python -m pytest -m "not gpu" -q
+
+bench: setup
+	$(BIN)/python -m microdit.bench
+
+lock:                ## refresh requirements.lock from the current environment
+	$(BIN)/pip freeze --exclude-editable | grep -v '^dataclasses==' > requirements.lock.new && mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf runs/ .pytest_cache

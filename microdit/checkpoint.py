@@ -1,0 +1,122 @@
+"""Model files: our own format (a folder with `model.safetensors` + `config.json`) and the release's `.pt`.
+
+Our folder (local, or a Hugging Face hub repo with the same two files):
+
+    config.json        {"format": "microdit", "version": 1, "preset": ..., "model": MicroDiTConfig,
+                        "image_autoencoder": name, "text_encoder": name, "resolution": pixels,
+                        "edm": EDMConfig, "extra": {...}}
+    model.safetensors  the DiT state dict (EMA weights when the trainer keeps an EMA)
+
+The released checkpoints are plain `torch.save` state dicts of the DiT (MicroDiT_XL_2, 512 px,
+SDXL VAE or Ostris VAE, DFN5B CLIP captions); `load_model` recognises them by the `.pt` suffix.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .edm import EDMConfig
+from .model import MicroDiT, MicroDiTConfig, create_model
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+FORMAT, VERSION = "microdit", 1
+
+# What the released checkpoints were trained with (README of the release; SPEC "Headline results").
+RELEASE_TEXT_ENCODER = "openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
+RELEASE_VAE = {4: "sdxl", 16: "ostris"}
+
+
+def save_model(folder, model: MicroDiT, *, preset: str, image_autoencoder: str, text_encoder: str,
+               resolution: int, edm: EDMConfig | None = None, extra: dict | None = None,
+               state_dict: dict | None = None) -> Path:
+    """Write `folder/model.safetensors` and `folder/config.json` atomically (temporary names, then rename)."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = state_dict if state_dict is not None else model.state_dict()
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    meta = {"format": FORMAT, "version": VERSION, "preset": preset, "model": model.config.to_dict(),
+            "image_autoencoder": image_autoencoder, "text_encoder": text_encoder, "resolution": int(resolution),
+            "edm": (edm or EDMConfig()).to_dict(), "extra": extra or {}}
+    tmp = folder / f".{WEIGHTS_NAME}.tmp{os.getpid()}"
+    save_file(sd, str(tmp))
+    os.replace(tmp, folder / WEIGHTS_NAME)
+    from .manifest import write_json_atomic
+    write_json_atomic(folder / CONFIG_NAME, meta)
+    return folder
+
+
+def load_model(path: str, *, preset: str | None = None, device="cpu", dtype=torch.float32,
+               image_autoencoder: str | None = None, text_encoder: str | None = None) -> tuple[MicroDiT, dict]:
+    """Load a DiT from our folder, a hub repo id, or a released `.pt` state dict; returns (model, meta).
+
+    meta has the keys of config.json; for a `.pt` file they are inferred (and can be overridden).
+    """
+    p = Path(path)
+    if p.suffix in (".pt", ".pth", ".bin") or (p.is_file() and p.suffix != ".safetensors"):
+        return _load_release(p, preset, device, dtype, image_autoencoder, text_encoder)
+    folder = p if p.exists() else _hub_snapshot(path)
+    if folder.is_file():
+        folder = folder.parent
+    cfg_file = folder / CONFIG_NAME
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file} is missing: a MicroDiT model folder holds {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME} (written by microdit.checkpoint.save_model)")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{cfg_file}: 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+    from safetensors.torch import load_file
+    model = MicroDiT(MicroDiTConfig.from_dict(meta["model"]))
+    model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
+    if image_autoencoder:
+        meta["image_autoencoder"] = image_autoencoder
+    if text_encoder:
+        meta["text_encoder"] = text_encoder
+    return model.to(device=device, dtype=dtype).eval(), meta
+
+
+def release_state_dict(obj) -> dict:
+    """The DiT state dict inside a released file (plain, or wrapped by a trainer under 'state_dict'/'dit.')."""
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    for prefix in ("model.dit.", "dit.", "module."):
+        if obj and all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+def _load_release(file: Path, preset, device, dtype, image_autoencoder, text_encoder):
+    if not file.exists():
+        raise FileNotFoundError(f"checkpoint {file} does not exist")
+    sd = release_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    try:
+        dim, in_channels = sd["x_embedder.proj.weight"].shape[:2]
+        caption_channels = sd["y_embedder.y_proj.fc1.weight"].shape[1]
+        tokens = sd["pos_embed"].shape[1]
+    except KeyError as e:
+        raise ValueError(f"{file} is not a MicroDiT state dict (no {e.args[0]!r})") from None
+    preset = preset or {1024: "MicroDiT_XL_2", 512: "MicroDiT_Tiny_2"}.get(int(dim))
+    if preset is None:
+        raise ValueError(f"{file}: backbone width {dim} matches no preset; pass preset=")
+    latent_res = int(round(tokens ** 0.5)) * 2
+    pos_interp_scale = latent_res / 32          # 1 at 256 px (latent 32), 2 at 512 px (latent 64)
+    model = create_model(preset, latent_res=latent_res, in_channels=int(in_channels),
+                         caption_channels=int(caption_channels), pos_interp_scale=pos_interp_scale)
+    model.load_state_dict(sd, strict=True)
+    meta = {"format": "release-pt", "preset": preset, "model": model.config.to_dict(),
+            "image_autoencoder": image_autoencoder or RELEASE_VAE.get(int(in_channels), "sdxl"),
+            "text_encoder": text_encoder or RELEASE_TEXT_ENCODER, "resolution": latent_res * 8,
+            "edm": EDMConfig(P_mean=0.0 if latent_res >= 64 else -0.6, P_std=0.6 if latent_res >= 64 else 1.2).to_dict(),
+            "extra": {"source": str(file)}}
+    return model.to(device=device, dtype=dtype).eval(), meta
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """Download (or find in the cache) a hub repo holding our two files; fail fast when offline."""
+    from .encoders import hub_download_or_fail
+    return Path(hub_download_or_fail(repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
+                                     what="MicroDiT model"))
