@@ -69,8 +69,12 @@ def load_model(path: str, *, preset: str | None = None, device="cpu", dtype=torc
     if meta.get("format") != FORMAT:
         raise ValueError(f"{cfg_file}: 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
     from safetensors.torch import load_file
-    model = MicroDiT(MicroDiTConfig.from_dict(meta["model"]))
-    model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
+    weights = folder / WEIGHTS_NAME
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} is missing: a MicroDiT model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    with torch.device("meta"):                  # no time spent initialising weights about to be replaced
+        model = MicroDiT(MicroDiTConfig.from_dict(meta["model"]))
+    load_strict(model, load_file(str(weights)), str(weights))
     if image_autoencoder:
         meta["image_autoencoder"] = image_autoencoder
     if text_encoder:
@@ -102,17 +106,46 @@ def _load_release(file: Path, preset, device, dtype, image_autoencoder, text_enc
     preset = preset or {1024: "MicroDiT_XL_2", 512: "MicroDiT_Tiny_2"}.get(int(dim))
     if preset is None:
         raise ValueError(f"{file}: backbone width {dim} matches no preset; pass preset=")
-    latent_res = int(round(tokens ** 0.5)) * 2
-    pos_interp_scale = latent_res / 32          # 1 at 256 px (latent 32), 2 at 512 px (latent 64)
-    model = create_model(preset, latent_res=latent_res, in_channels=int(in_channels),
-                         caption_channels=int(caption_channels), pos_interp_scale=pos_interp_scale)
-    model.load_state_dict(sd, strict=True)
+    patch = int(sd["x_embedder.proj.weight"].shape[-1])
+    latent_res = int(round(tokens ** 0.5)) * patch
+    pos_interp_scale = infer_pos_interp_scale(sd["pos_embed"])   # 1 at 256 px (latent 32), 2 at 512 px
+    with torch.device("meta"):
+        model = create_model(preset, latent_res=latent_res, in_channels=int(in_channels),
+                             caption_channels=int(caption_channels), pos_interp_scale=pos_interp_scale,
+                             patch_size=patch)
+    load_strict(model, sd, f"{file} (as {preset})")
     meta = {"format": "release-pt", "preset": preset, "model": model.config.to_dict(),
             "image_autoencoder": image_autoencoder or RELEASE_VAE.get(int(in_channels), "sdxl"),
             "text_encoder": text_encoder or RELEASE_TEXT_ENCODER, "resolution": latent_res * 8,
             "edm": EDMConfig(P_mean=0.0 if latent_res >= 64 else -0.6, P_std=0.6 if latent_res >= 64 else 1.2).to_dict(),
             "extra": {"source": str(file)}}
     return model.to(device=device, dtype=dtype).eval(), meta
+
+
+def infer_pos_interp_scale(pos_embed: torch.Tensor) -> float:
+    """The interpolation scale a stored sin-cos table was made with (its first channel is sin(column / scale))."""
+    from .model import sincos_pos_embed_2d
+    pe = pos_embed.reshape(-1, pos_embed.shape[-1]).float()
+    dim, grid = pe.shape[1], int(round(pe.shape[0] ** 0.5))
+    angle = torch.atan2(pe[1, 0], pe[1, dim // 4]).item()      # column 1: sin and cos of 1 / scale
+    scale = round(1.0 / angle, 4) if angle > 0 else 1.0
+    if not torch.allclose(sincos_pos_embed_2d(dim, grid, scale), pe, atol=1e-3):
+        raise ValueError(f"pos_embed ({tuple(pos_embed.shape)}) is not a 2-D sin-cos table of any interpolation scale")
+    return scale
+
+
+def load_strict(model: MicroDiT, sd: dict, what: str) -> None:
+    """load_state_dict(strict=True) with an error that names the file and the first differences."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k}: file {tuple(sd[k].shape)}, model {tuple(own[k].shape)}"
+             for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{what} does not match the MicroDiT architecture: {len(missing)} missing "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+                         f"{len(wrong)} of another shape (e.g. {wrong[:3]}); pass the right preset or config")
+    model.load_state_dict(sd, strict=True, assign=True)     # takes the file's tensors (model may be on meta)
 
 
 def _hub_snapshot(repo_id: str) -> Path:

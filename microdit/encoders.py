@@ -243,8 +243,14 @@ def load_text_encoder(name: str, device="cpu", dtype=torch.float32):
             path = hub_download_or_fail(repo, ["open_clip_config.json", "*.safetensors", "*.bin", "*.json", "*.txt"],
                                         "OpenCLIP text encoder")
             ref = "local-dir:" + path
-        elif ref.startswith("local-dir:") and not os.path.isdir(ref[len("local-dir:"):]):
-            raise MissingWeightsError(f"OpenCLIP folder {ref[len('local-dir:'):]!r} does not exist")
+        if ref.startswith("local-dir:"):
+            folder = Path(ref[len("local-dir:"):])
+            has_weights = any(any(folder.glob(f"*.{ext}")) for ext in ("safetensors", "bin", "pth"))
+            if not (folder / "open_clip_config.json").is_file() or not has_weights:
+                # open_clip itself would only warn and go on with random weights
+                raise MissingWeightsError(f"OpenCLIP text encoder {name!r}: {folder} needs open_clip_config.json and "
+                                          "a weights file (*.safetensors, *.bin or *.pth); download the model "
+                                          "on a connected machine and copy the folder here")
         model = open_clip.create_model(ref)          # local-dir: loads config and weights from the folder
         if hasattr(model, "visual"):
             model.visual = torch.nn.Identity()       # only the text tower is used

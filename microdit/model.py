@@ -11,7 +11,7 @@ MicroDiT checkpoints exactly (parameter names and shapes), so their state dicts 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -188,13 +188,12 @@ class ExpertChoiceMoE(nn.Module):
         g, idx = self.route(x)                                              # (N, E, k)
         e, k = idx.shape[1], idx.shape[2]
         flat = (idx + torch.arange(n, device=x.device).view(n, 1, 1) * t)   # index into N*T rows
-        flat = flat.transpose(0, 1).reshape(e, n * k)                      # (E, N*k)
-        xin = x.reshape(n * t, d)[flat]                                     # (E, N*k, D) gather
+        flat = flat.transpose(0, 1).reshape(-1)                            # (E*N*k,), expert-major
+        xin = x.reshape(n * t, d).index_select(0, flat).view(e, n * k, d)   # gather (backward: index_add)
         h = F.gelu(torch.bmm(xin, self.w1))                                 # (E, N*k, H)
         h = torch.bmm(h, self.w2)                                           # (E, N*k, D)
         h = h * g.transpose(0, 1).reshape(e, n * k, 1).to(h.dtype)
-        out = x.new_zeros(n * t, d)
-        out.index_add_(0, flat.reshape(-1), h.reshape(-1, d))               # scatter back
+        out = x.new_zeros(n * t, d).index_add(0, flat, h.reshape(-1, d))    # scatter-add back
         return out.view(n, t, d)
 
 
@@ -378,9 +377,11 @@ class MicroDiT(nn.Module):
         With mask_ratio > 0 (or explicit keep_ids (N, T_keep)) only the kept tokens pass the backbone;
         dropped positions of the output hold mask_token. Returns (N, C, H, W).
         """
+        self.check_inputs(x, t, y, mask_ratio, keep_ids)
         n, _, h, w = x.shape
-        x = self.x_embedder(x)
+        x = self.x_embedder(x.to(self.x_embedder.proj.weight.dtype))
         x = x + self._pos_embed(h // self.patch_size, w // self.patch_size, x)
+        t = torch.as_tensor(t, device=x.device)
         t = t.reshape(-1).expand(n) if t.numel() == 1 else t.reshape(n)
         y, y_pooled = self.embed_caption(y.to(x.dtype))
         c = self.t_embedder(t) + y_pooled
@@ -404,6 +405,25 @@ class MicroDiT(nn.Module):
             full = self.mask_token.to(x.dtype).expand(n, T, x.shape[-1]).clone()
             x = full.scatter(1, keep_ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
         return self.unpatchify(x, h // self.patch_size, w // self.patch_size)
+
+    def check_inputs(self, x, t, y, mask_ratio: float, keep_ids) -> None:
+        """Fail before any work, naming what was expected and what was given."""
+        cfg, p = self.config, self.patch_size
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels or x.shape[2] % p or x.shape[3] % p:
+            raise ValueError(f"latents: expected (N, {cfg.in_channels}, H, W) with H and W multiples of {p}, "
+                             f"got {tuple(x.shape)}")
+        n = x.shape[0]
+        if y.dim() not in (3, 4) or y.shape[0] != n or y.shape[-1] != cfg.caption_channels:
+            raise ValueError(f"captions: expected ({n}, L, {cfg.caption_channels}) or ({n}, 1, L, "
+                             f"{cfg.caption_channels}), got {tuple(y.shape)} (does the text encoder match the model?)")
+        if torch.is_tensor(t) and t.numel() not in (1, n):
+            raise ValueError(f"noise conditioning t: expected a scalar or {n} values, got shape {tuple(t.shape)}")
+        if not 0 <= mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if keep_ids is not None:
+            T = (x.shape[2] // p) * (x.shape[3] // p)
+            if keep_ids.dim() != 2 or keep_ids.shape[0] != n or not 0 < keep_ids.shape[1] <= T:
+                raise ValueError(f"keep_ids: expected ({n}, T_keep) with 0 < T_keep <= {T}, got {tuple(keep_ids.shape)}")
 
     def _pos_embed(self, gh: int, gw: int, like: torch.Tensor) -> torch.Tensor:
         if gh * gw == self.pos_embed.shape[1] and gh == gw:
@@ -516,6 +536,9 @@ def estimate_flops(cfg: MicroDiTConfig, batch: int = 1, mask_ratio: float = 0.0,
         return f
 
     total = 2 * T * cfg.in_channels * cfg.patch_size ** 2 * D                # patch embed
+    total += 2 * (512 * D + D * D) + 2 * 2 * D * D + 2 * D * 2 * D            # timestep, pooled caption, final adaLN
+    mixer_widths = [cfg.mixer_dim] * cfg.mixer_depth if cfg.patch_mixer else []
+    total += sum(2 * D * 6 * w for w in mixer_widths + [D] * cfg.depth)       # per-block adaLN vectors
     total += 2 * L * (cfg.caption_channels * D + D * D)                        # caption projection
     total += 2 * L * D * 4 * D + 2 * 2 * L * L * D + 2 * L * D * cfg.dense_hidden(cfg.caption_mlp_ratio, D) * 3
     tokens_backbone = Tk

@@ -1,0 +1,170 @@
+"""Benchmark of the data path: precompute scaling over Ray CPU workers, and MDS read speed vs training.
+
+    python -m dataprep.bench                      # ~2-3 minutes on 2 cores; prints ratios
+    python -m dataprep.bench --samples 2000 --encoder tiny-kl
+
+1. Precompute throughput (samples/s) of the embedded default (shapes 64 px -> 16 and 32 px, pixel:2,
+   tiny-clip:16) with 1 and with 2 Ray CPU actors (1 torch thread each) in one Ray session, side by
+   side. "steady" counts once every actor is up (actor start-up, ~10-20 s of imports here, is paid
+   once per run); "end to end" includes it. Target: 2 workers >= 1.6x one (steady).
+2. Read throughput of the training reader (`microdit.data.latent_loader`, batch 64, 16 px latents) over
+   the shards just written, against what the CPU training preset consumes: a MicroDiT_Nano_2 step
+   (batch 64, 16 tokens; 1 thread, since 2 threads spin pathologically on a busy 2-core machine) timed
+   in the same run, and the nominal ~0.19 s step (2 threads, quiet machine). Target >= 20x.
+Timings on a shared machine are noisy: compare the ratios, rerun when the machine is quiet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+TRAIN_SAMPLES_PER_S = 64 / 0.19          # CPU preset: batch 64 at ~0.19 s a step (brief, "embedded default")
+
+
+def make_shapes_set(root: Path, n: int, resolution: int = 64) -> Path:
+    from .convert import ConvertConfig, convert
+    from .shapes import generate_shapes
+    raw = root / "raw"
+    for i, s in enumerate(generate_shapes(n, resolution=resolution, seed=0)):
+        d = raw / f"{i // 1000:05d}"
+        d.mkdir(parents=True, exist_ok=True)
+        s.image.save(d / f"{i:09d}.png")
+        (d / f"{i:09d}.txt").write_text(s.caption)
+    return convert(ConvertConfig(str(raw), str(root / "clean"), source="shapes", min_size=32, short_side=64,
+                                 shard_samples=1000), progress=False)
+
+
+def steady_throughput(out: Path) -> tuple[float, int]:
+    """Samples/s once every actor is up: units that started after the last actor's first unit began,
+    over the time from then to the last unit's end (actor start-up is excluded: it is paid once per run)."""
+    infos = [json.loads(p.read_text()) for p in out.glob("u-*/unit.json")]
+    for i in infos:
+        i["start"] = i["finished_at"] - (i["seconds"] - i.get("setup_seconds", 0.0))
+    first = {}
+    for i in infos:
+        first[i["pid"]] = min(first.get(i["pid"], i["start"]), i["start"])
+    ready = max(first.values())
+    counted = [i for i in infos if i["start"] >= ready - 1e-6]
+    span = max(i["finished_at"] for i in counted) - ready
+    return sum(i["samples"] for i in counted) / span, len(first)
+
+
+def bench_raw_read(latents: Path) -> float:
+    """Samples/s of streaming's own decoding (LocalDataset, every column), without the training loader."""
+    from streaming import LocalDataset
+    ds = LocalDataset(local=str(latents))
+    t0 = time.perf_counter()
+    for i in range(len(ds)):
+        ds[i]
+    return len(ds) / (time.perf_counter() - t0)
+
+
+def bench_train_step(batch: int = 64, threads: int = 1, steps: int = 4) -> float:
+    """Seconds per step of the CPU preset (MicroDiT_Nano_2, 8x8x12 latents, 16 caption tokens, mask 0)."""
+    import torch
+
+    from microdit.edm import EDMConfig, edm_loss
+    from microdit.model import create_model
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = create_model("MicroDiT_Nano_2", latent_res=8, in_channels=12, caption_channels=64)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x, y = torch.randn(batch, 12, 8, 8), torch.randn(batch, 16, 64)
+        times = []
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            loss = edm_loss(model, x, y, EDMConfig(), mask_ratio=0.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        return sorted(times[2:])[len(times[2:]) // 2]
+    finally:
+        torch.set_num_threads(old)
+
+
+def bench_precompute(conv: Path, root: Path, encoder: str, unit_samples: int) -> dict:
+    import ray
+
+    from .precompute import PrecomputeConfig, precompute
+    tmp = tempfile.mkdtemp(prefix="mbray-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False, configure_logging=False)
+    res = {}
+    try:
+        for workers in (1, 2):
+            out = root / f"latents-w{workers}"
+            t0 = time.time()
+            precompute(PrecomputeConfig(str(conv), str(out), resolutions=(16, 32), image_autoencoder=encoder,
+                                        text_encoder="tiny-clip:16", engine="ray", workers=workers, threads=1,
+                                        unit_samples=unit_samples, batch_size=64, progress=False))
+            wall = time.time() - t0
+            steady, used = steady_throughput(out)
+            n = json.loads((out / "manifest.json").read_text())["samples"]
+            res[workers] = {"end_to_end": n / wall, "steady": steady, "actors_used": used, "wall": wall}
+            print(f"  {workers} worker(s): steady {steady:7.1f} samples/s   end to end {n / wall:7.1f} samples/s "
+                  f"({wall:.1f} s, {used} actor(s) did work)")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+def bench_read(latents: Path, root: Path, batch_size: int = 64, epochs: int = 3) -> float:
+    from microdit.data import latent_loader
+    best = 0.0
+    for e in range(epochs):
+        loader = latent_loader([latents], resolution=16, batch_size=batch_size, seed=e, shuffle=True,
+                               run_dir=root / f"read-run{e}")
+        n, t0 = 0, time.perf_counter()
+        for batch in loader:
+            n += batch["latents"].shape[0]
+        rate = n / (time.perf_counter() - t0)
+        best = max(best, rate)
+        print(f"  epoch {e}: {n} samples, {rate:,.0f} samples/s")
+    return best
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=6000, help="shapes samples to precompute")
+    p.add_argument("--encoder", default="pixel:2", help="image autoencoder (pixel:2 is the embedded default)")
+    p.add_argument("--unit-samples", type=int, default=250, help="samples per work unit")
+    p.add_argument("--keep", help="keep the benchmark folders here instead of a temporary folder")
+    a = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    torch.set_num_threads(1)
+    root = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="dataprep-bench-"))
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (others' work skews all figures)")
+    try:
+        print(f"making {a.samples} shapes samples ...")
+        conv = make_shapes_set(root, a.samples)
+        print(f"precompute ({a.encoder} + tiny-clip:16, 16 and 32 px, Ray, 2 CPUs):")
+        r = bench_precompute(conv, root, a.encoder, a.unit_samples)
+        scale = r[2]["steady"] / r[1]["steady"]
+        print(f"  scaling 2 workers / 1 worker: {scale:.2f}x steady, "
+              f"{r[2]['end_to_end'] / r[1]['end_to_end']:.2f}x end to end (target >= 1.6x steady)")
+        print("read (microdit.data.latent_loader, batch 64, 16 px):")
+        rate = bench_read(root / "latents-w2", root)
+        print(f"  streaming LocalDataset alone (all columns decoded): {bench_raw_read(root / 'latents-w2'):,.0f} "
+              "samples/s")
+        step = bench_train_step()
+        train = 64 / step
+        print(f"  training step measured now (MicroDiT_Nano_2, batch 64, 16 tokens, 1 thread): {step:.3f} s "
+              f"= {train:,.0f} samples/s")
+        print(f"  reader / training: {rate / train:.1f}x measured side by side, {rate / TRAIN_SAMPLES_PER_S:.1f}x "
+              f"against the nominal 0.19 s step (target >= 20x)")
+    finally:
+        print(f"load average at end: {os.getloadavg()[0]:.1f}")
+        if not a.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

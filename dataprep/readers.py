@@ -1,0 +1,205 @@
+"""Read raw image + caption sets in every layout we accept (downloaded or brought by the user).
+
+    for rec in iter_records("data/cc12m-raw"): rec.key, rec.image (bytes), rec.caption (bytes/str/None), rec.meta
+
+Layouts, detected from what is in the folder (or named with `layout=`):
+
+  files       img2dataset `files` output or any folder of images with sidecars: `00000/000000123.jpg` +
+              `000000123.txt` (caption) [+ `000000123.json` (key, sample_id, meta, url, ...)]
+  webdataset  img2dataset `webdataset` output: `*.tar` with members `<key>.jpg`, `<key>.txt`, `<key>.json`
+  parquet     img2dataset `parquet` output: `*.parquet` with the image bytes in a `jpg` (or png/webp)
+              column beside `caption` and `key`
+  table       a parquet or CSV of local image paths and captions (columns `path`|`image_path`|`file`,
+              `caption`|`text`|`prompt`, optional `key`|`id`); relative paths are taken from the table's
+              folder. Archive sets are downloaded into this layout (`index.parquet`).
+
+Nothing here judges a record: a missing file, an unreadable caption or a corrupt image is passed on
+(image/caption None or raw bytes) for `dataprep.convert` to count by reason.
+"""
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+PATH_COLS = ("path", "image_path", "file", "filepath", "image")
+CAPTION_COLS = ("caption", "text", "prompt", "txt")
+KEY_COLS = ("key", "id", "sample_id")
+SKIP_DIRS = {"_input"}
+
+
+@dataclass
+class RawRecord:
+    key: str                         # stable key within the source (file stem, img2dataset key, table key)
+    image: bytes | None              # encoded image bytes; None if the file is missing
+    caption: bytes | str | None      # bytes when read from a file (decoded later), None when absent
+    where: str                       # file or table row, for messages
+    sample_id: str | None = None     # set when the source carries a global id (shapes: "shapes/<seed>-<i>")
+    meta: dict = field(default_factory=dict)
+
+
+def detect_layout(path: str | Path) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist: give a raw set folder or a parquet/CSV of paths + captions")
+    if p.is_file():
+        if p.suffix in (".parquet", ".csv", ".tsv"):
+            return "table"
+        raise ValueError(f"{p}: a single file must be a .parquet or .csv of image paths and captions")
+    if (p / "index.parquet").exists() or (p / "index.csv").exists():
+        return "table"
+    if any(p.glob("*.tar")):
+        return "webdataset"
+    pq_files = sorted(p.glob("*.parquet"))
+    if pq_files and _image_column(pq_files[0]):
+        return "parquet"
+    if any(f.suffix.lstrip(".").lower() in IMAGE_EXTS for f in _walk(p)):
+        return "files"
+    raise ValueError(f"{p}: no images found in any known layout (files, webdataset, parquet, table); "
+                     "see docs/data.md 'Bring your own data'")
+
+
+def iter_records(path: str | Path, layout: str | None = None) -> Iterator[RawRecord]:
+    """Every record of a raw set, in a deterministic order."""
+    p = Path(path)
+    layout = layout or detect_layout(p)
+    readers = {"files": _iter_files, "webdataset": _iter_webdataset, "parquet": _iter_parquet, "table": _iter_table}
+    if layout not in readers:
+        raise ValueError(f"unknown layout {layout!r}: one of {', '.join(readers)}")
+    yield from readers[layout](p)
+
+
+def source_name(path: str | Path, default: str | None = None) -> str:
+    """The data set name for `source`: the raw manifest's dataset, else the folder name."""
+    from microdit.manifest import read_manifest
+    p = Path(path)
+    m = read_manifest(p if p.is_dir() else p.parent)
+    if m is not None and m.config.get("dataset"):
+        return str(m.config["dataset"])
+    return default or (p.name if p.is_dir() else p.stem)
+
+
+# --------------------------------------------------------------------------------------------
+
+def _walk(root: Path):
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and not SKIP_DIRS.intersection(f.relative_to(root).parts[:-1]):
+            yield f
+
+
+def _sidecar_meta(js: dict) -> tuple[str | None, dict]:
+    meta = js.get("meta") or {}
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except json.JSONDecodeError:
+            meta = {"meta": meta}
+    return js.get("sample_id"), meta if isinstance(meta, dict) else {"meta": meta}
+
+
+def _iter_files(root: Path) -> Iterator[RawRecord]:
+    for f in _walk(root):
+        if f.suffix.lstrip(".").lower() not in IMAGE_EXTS:
+            continue
+        txt, jsf = f.with_suffix(".txt"), f.with_suffix(".json")
+        js = {}
+        if jsf.exists():
+            try:
+                js = json.loads(jsf.read_bytes())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                js = {}
+        sid, meta = _sidecar_meta(js)
+        yield RawRecord(key=str(js.get("key") or f.stem), image=f.read_bytes(),
+                        caption=txt.read_bytes() if txt.exists() else None, where=str(f), sample_id=sid, meta=meta)
+
+
+def _iter_webdataset(root: Path) -> Iterator[RawRecord]:
+    for tar in sorted(root.glob("*.tar")):
+        groups: dict[str, dict] = {}
+        with tarfile.open(tar) as t:
+            for m in t:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.rpartition("/")[2].partition(".")
+                groups.setdefault(key, {})[ext.lower()] = t.extractfile(m).read()
+        for key in sorted(groups):
+            g = groups[key]
+            img = next((g[e] for e in IMAGE_EXTS if e in g), None)
+            if img is None and not any(e in g for e in ("txt", "json")):
+                continue
+            try:
+                js = json.loads(g["json"]) if "json" in g else {}
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                js = {}
+            sid, meta = _sidecar_meta(js)
+            yield RawRecord(key=str(js.get("key") or key), image=img, caption=g.get("txt"), where=f"{tar}:{key}",
+                            sample_id=sid, meta=meta)
+
+
+def _image_column(parquet_file: Path) -> str | None:
+    import pyarrow.parquet as pq
+    names = pq.read_schema(parquet_file).names
+    return next((c for c in IMAGE_EXTS if c in names), None)
+
+
+def _iter_parquet(root: Path) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+    for f in sorted(root.glob("*.parquet")):
+        col = _image_column(f)
+        if col is None:
+            continue
+        tab = pq.read_table(f)
+        names = tab.column_names
+        cap = next((c for c in CAPTION_COLS if c in names), None)
+        for i, row in enumerate(tab.to_pylist()):
+            if row.get("status") not in (None, "success"):
+                continue
+            sid, meta = _sidecar_meta(row)
+            yield RawRecord(key=str(row.get("key") or f"{f.stem}-{i}"), image=row.get(col),
+                            caption=row.get(cap) if cap else None, where=f"{f}:{i}", sample_id=sid, meta=meta)
+
+
+def _iter_table(path: Path) -> Iterator[RawRecord]:
+    if path.is_dir():
+        path = path / "index.parquet" if (path / "index.parquet").exists() else path / "index.csv"
+    rows = _read_table(path)
+    if not rows:
+        return
+    names = list(rows[0])
+    pcol = next((c for c in PATH_COLS if c in names), None)
+    if pcol is None:
+        raise ValueError(f"{path}: no image path column (one of {PATH_COLS}); columns are {names}")
+    ccol = next((c for c in CAPTION_COLS if c in names), None)
+    kcol = next((c for c in KEY_COLS if c in names), None)
+    for i, row in enumerate(rows):
+        img_path = Path(str(row[pcol]))
+        if not img_path.is_absolute():
+            img_path = path.parent / img_path
+        image = img_path.read_bytes() if img_path.is_file() else None
+        key = str(row[kcol]) if kcol and row.get(kcol) not in (None, "") else img_path.stem
+        sid, meta = _sidecar_meta(row)
+        yield RawRecord(key=key, image=image, caption=row.get(ccol) if ccol else None, where=f"{path}:{i}",
+                        sample_id=sid if kcol != "sample_id" else None, meta=meta)
+
+
+def _read_table(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    import csv
+    delim = "\t" if path.suffix == ".tsv" else ","
+    out = []
+    # surrogateescape: a caption that is not UTF-8 survives as bytes (counted by convert), never a crash
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        for row in csv.DictReader(f, delimiter=delim):
+            for k, v in row.items():
+                if isinstance(v, str):
+                    try:
+                        v.encode("utf-8")
+                    except UnicodeEncodeError:
+                        row[k] = v.encode("utf-8", "surrogateescape")
+            out.append(row)
+    return out

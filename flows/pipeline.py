@@ -1,0 +1,229 @@
+"""Prefect flows: download -> precompute -> four training stages -> evaluation, costed in the ledger.
+
+    prefect deployment run micro-budget/full                      # through a work pool (prefect.yaml)
+    python -m flows.pipeline --profile local                      # the same flow in this process
+    python -m flows.pipeline --profile local --flow train --budget-usd 0.0005
+
+Flows only orchestrate: every step is a plain function in flows/steps.py that calls dataprep/microdit.
+Finished assets (a folder with manifest.json, named by the hash of its config) are skipped, so a re-run
+after a crash skips what is done and training resumes from its last checkpoint. After each step the flow,
+the ledger's only writer, records the step's manifests (flows/ledger.py, idempotent).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+from prefect.exceptions import MissingContextError
+
+from . import ledger, steps
+from .prices import load_prices
+from .profiles import DataSource, Profile, get_profile, usd_per_second
+
+# Skipping is decided by the assets themselves (manifest.json in a config-hashed folder), not by
+# Prefect's result cache: it survives a lost Prefect database and never returns a folder that was deleted.
+TASK = dict(cache_policy=NO_CACHE)
+
+
+def _setup(profile: str, overrides: dict | None, run_name: str | None, root: str) -> tuple[Profile, Path, str]:
+    p = get_profile(profile, overrides)
+    run_name = run_name or p.name
+    run = steps.run_root(root, run_name, p)
+    os.environ.setdefault("RAY_TMPDIR", str(run / "tmp" / "ray"))   # Ray's sockets and logs stay in the run
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    return p, run, run_name
+
+
+def _db(root: str, ledger_db: str | None) -> Path:
+    return Path(ledger_db) if ledger_db else Path(root).resolve() / "ledger.duckdb"
+
+
+def _log():
+    """The run logger inside a flow/task run; a plain logger when a task's .fn() is called directly."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("micro-budget")
+
+
+def _flow_run_id() -> str | None:
+    try:
+        return str(get_run_context().flow_run.id)
+    except Exception:  # called outside a flow run (task.fn() in tests)
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tasks: thin wrappers over flows.steps, plus the ledger writer
+# ----------------------------------------------------------------------------------------------------
+
+@task(name="download", **TASK)
+def download_task(p: Profile, source, run: Path) -> str:
+    folder, skipped = steps.download_step(p, source, run)
+    _log().info("%s %s", "skip (finished)" if skipped else "downloaded", folder)
+    return str(folder)
+
+
+@task(name="precompute", **TASK)
+def precompute_task(p: Profile, raw: str, run: Path) -> str:
+    folder, skipped = steps.precompute_step(p, Path(raw), run)
+    _log().info("%s %s", "skip (finished)" if skipped else "precomputed", folder)
+    return str(folder)
+
+
+@task(name="train-stage", **TASK)
+def train_stage_task(cfg, guard: steps.BudgetGuard | None = None, launcher: str = "inprocess",
+                     nproc: int = 1) -> str:
+    return str(steps.train_step(cfg, guard, launcher, nproc))
+
+
+@task(name="evaluate", **TASK)
+def evaluate_task(p: Profile, checkpoint: str, run: Path, reference: str | None = None) -> tuple[str, dict]:
+    folder, report, skipped = steps.evaluate_step(p, Path(checkpoint), run, Path(reference) if reference else None)
+    _log().info("%s %s", "skip (finished)" if skipped else "evaluated", folder)
+    return str(folder), report
+
+
+@task(name="record-costs", retries=2, retry_delay_seconds=[2, 10], **TASK)
+def record_task(folders: list[str], step: str, profile: str, run_id: str, db: Path) -> float:
+    """Ingest the step's manifests into the ledger (one transaction; already-recorded assets are kept)."""
+    got = ledger.ingest(folders, profile=profile, run_id=run_id, step=step, db=db, flow_run_id=_flow_run_id())
+    new = [x for x in got if x.new]
+    _log().info("ledger: %s +%d asset(s), $%.6f", step, len(new), sum(x.total_usd for x in new))
+    return sum(x.total_usd for x in got)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flows (each separately deployable; `full` chains them)
+# ----------------------------------------------------------------------------------------------------
+
+@flow(name="micro-budget-data", log_prints=True)
+def data_flow(profile: str = "local", overrides: dict | None = None, run_name: str | None = None,
+              root: str = "runs", ledger_db: str | None = None) -> list[str]:
+    """Download every training set of the profile (network steps retry with delays)."""
+    p, run, run_id = _setup(profile, overrides, run_name, root)
+    out = []
+    for src in p.datasets:
+        dl = download_task.with_options(retries=p.download_retries, retry_delay_seconds=list(p.retry_delays))
+        raw = dl(p, src, run)
+        record_task([raw], "download", p.name, run_id, _db(root, ledger_db))
+        out.append(raw)
+    return out
+
+
+@flow(name="micro-budget-precompute", log_prints=True)
+def precompute_flow(profile: str = "local", raw: list[str] | None = None, overrides: dict | None = None,
+                    run_name: str | None = None, root: str = "runs", ledger_db: str | None = None) -> list[str]:
+    """Latents of every raw set at the profile's resolutions (Ray; MDS shards)."""
+    p, run, run_id = _setup(profile, overrides, run_name, root)
+    raw = raw or data_flow(profile, overrides, run_name, root, ledger_db)
+    out = []
+    for r in raw:
+        lat = precompute_task(p, r, run)
+        record_task([lat], "precompute", p.name, run_id, _db(root, ledger_db))
+        out.append(lat)
+    return out
+
+
+@flow(name="micro-budget-train", log_prints=True)
+def train_flow(profile: str = "local", latents: list[str] | None = None, overrides: dict | None = None,
+               run_name: str | None = None, root: str = "runs", ledger_db: str | None = None,
+               budget_usd: float | None = None) -> dict:
+    """The four stages, each from the previous one's weights. `budget_usd` caps the run's total spend:
+    the trainer's stop hook ends a stage cleanly (resumable checkpoint) once the projected spend would
+    pass it, and no stage starts once the budget is spent. Re-run with a larger budget to continue."""
+    p, run, run_id = _setup(profile, overrides, run_name, root)
+    log, db = _log(), _db(root, ledger_db)
+    latents = latents or precompute_flow(profile, None, overrides, run_name, root, ledger_db)
+    rate = usd_per_second(p, load_prices())
+    done, status = [], "complete"
+    for cfg in steps.stage_configs(p, [Path(x) for x in latents], run):
+        if steps.stage_complete(cfg):
+            log.info("skip %s (finished): %s", cfg.name, steps.final_folder(cfg))
+            ckpt = str(steps.final_folder(cfg))
+        else:
+            guard = None
+            if budget_usd is not None:
+                before = ledger.spent_usd(run_id=run_id, db=db, exclude_lineage=cfg.out_dir)
+                if before >= budget_usd:
+                    status = f"budget ${budget_usd:g} reached before {cfg.name}"
+                    log.warning(status)
+                    break
+                guard = steps.BudgetGuard(budget_usd, before, rate)
+                log.info("%s: $%.6f spent of $%g; training stops before passing it", cfg.name, before, budget_usd)
+            train = train_stage_task.with_options(name=f"train-{cfg.name}")
+            ckpt = train(cfg, guard, p.launcher, max(p.num_gpus, 1))
+        record_task([ckpt], f"train:{cfg.name}", p.name, run_id, db)
+        done.append(ckpt)
+        if not steps.stage_complete(cfg):
+            why = f"by the budget (${budget_usd:g})" if budget_usd is not None else "early (wall-clock limit)"
+            status = f"stopped in {cfg.name} {why}; resumable checkpoint {ckpt}"
+            log.warning(status)
+            break
+    return {"checkpoints": done, "status": status}
+
+
+@flow(name="micro-budget-evaluate", log_prints=True)
+def evaluate_flow(checkpoint: str, profile: str = "local", overrides: dict | None = None,
+                  run_name: str | None = None, root: str = "runs", ledger_db: str | None = None) -> dict:
+    """Evaluate a checkpoint with the profile's suites (report.json + manifest.json + image grids)."""
+    p, run, run_id = _setup(profile, overrides, run_name, root)
+    reference = None
+    if p.eval_dataset:                                       # the FID reference set (COCO 2014 val)
+        dl = download_task.with_options(retries=p.download_retries, retry_delay_seconds=list(p.retry_delays))
+        reference = dl(p, DataSource(p.eval_dataset), run)
+        record_task([reference], "download", p.name, run_id, _db(root, ledger_db))
+    folder, report = evaluate_task(p, checkpoint, run, reference)
+    record_task([folder], "evaluate", p.name, run_id, _db(root, ledger_db))
+    return {"folder": folder, "report": report}
+
+
+@flow(name="micro-budget", log_prints=True)
+def full_flow(profile: str = "local", overrides: dict | None = None, run_name: str | None = None,
+              root: str = "runs", ledger_db: str | None = None, budget_usd: float | None = None) -> dict:
+    """download -> precompute -> four training stages -> evaluation -> cost report (runs/<run>/summary.json)."""
+    p, run, run_id = _setup(profile, overrides, run_name, root)
+    db = _db(root, ledger_db)
+    raw = data_flow(profile, overrides, run_name, root, ledger_db)
+    latents = precompute_flow(profile, raw, overrides, run_name, root, ledger_db)
+    trained = train_flow(profile, latents, overrides, run_name, root, ledger_db, budget_usd)
+    evaluation = None
+    if trained["status"] == "complete":
+        evaluation = evaluate_flow(trained["checkpoints"][-1], profile, overrides, run_name, root, ledger_db)
+    rep = ledger.report(run_id=run_id, profile=p.name, db=db)
+    summary = {"run": run_id, "profile": p.name, "run_dir": str(run), "ledger": str(db), "raw": raw,
+               "latents": latents, "training": trained, "evaluation": evaluation, "costs": rep.to_dict(),
+               "cost_table": ledger.format_report(rep, f"cost ledger {db} run={run_id}")}
+    (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(summary["cost_table"])
+    return summary
+
+
+FLOWS = {"full": full_flow, "data": data_flow, "precompute": precompute_flow, "train": train_flow}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--flow", choices=sorted(FLOWS), default="full", help="which flow (default %(default)s)")
+    ap.add_argument("--profile", default="local", help="local | subset | paper (flows/profiles.py)")
+    ap.add_argument("--overrides", default=None, help='JSON of profile fields, e.g. \'{"steps_scale": 0.1}\'')
+    ap.add_argument("--run-name", default=None, help="output folder under --root (default: the profile name)")
+    ap.add_argument("--root", default="runs", help="where runs and the ledger live (default %(default)s)")
+    ap.add_argument("--budget-usd", type=float, default=None, help="stop training before spending more")
+    a = ap.parse_args(argv)
+    kw = dict(profile=a.profile, overrides=json.loads(a.overrides) if a.overrides else None,
+              run_name=a.run_name, root=a.root)
+    if a.flow in ("full", "train"):
+        kw["budget_usd"] = a.budget_usd
+    FLOWS[a.flow](**kw)
+
+
+if __name__ == "__main__":
+    main()

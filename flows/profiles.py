@@ -1,0 +1,128 @@
+"""Profiles: one table of how big a pipeline run is (`local`, `subset`, `paper`), used by every flow.
+
+    python -m flows.profiles                 # print the table
+    python -m flows.profiles local           # one profile as JSON
+
+A flow takes `profile="local"` plus optional `overrides={"field": value}` (e.g. fewer samples in tests);
+the resolved profile is saved beside the run's outputs (runs/<run>/profile.json).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field, fields, replace
+
+
+@dataclass(frozen=True)
+class DataSource:
+    dataset: str                       # dataprep.specs.SPECS key
+    samples: int | None = None         # take this many samples (None = `fraction` or all)
+    fraction: float | None = None      # or this fraction of the set
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str                                  # local | subset | paper
+    description: str                           # one line for --help and the docs
+    # ---- data ----
+    datasets: tuple = ()                       # DataSource per training set
+    image_autoencoder: str = "pixel:2"         # microdit.encoders.load_image_autoencoder name
+    text_encoder: str = "tiny-clip:16"         # microdit.encoders.load_text_encoder name
+    resolutions: tuple = (16, 32)              # image sizes whose latents are precomputed (low, high)
+    min_image_size: int = 256                  # images with a shorter short side are dropped (the paper: 256)
+    short_side: int = 512                      # larger ones are resized to this short side first (the paper: 512)
+    precompute_batch_size: int = 32            # images per encoder call
+    precompute_workers: int | None = None      # encoder actors (None = one per GPU, else one per CPU)
+    precompute_threads: int | None = None      # torch threads per CPU actor (None = CPUs // workers)
+    ray_address: str | None = None             # None = Ray started locally by the step; "auto" = a cluster
+    ray_num_cpus: int | None = None            # local Ray only: CPUs it may use (None = all)
+    # ---- training ----
+    recipe: str = "cpu"                        # microdit.training STAGES key: "cpu" or "paper"
+    steps_scale: float = 1.0                   # every stage's steps x this (subset: a short run of each)
+    stages: tuple = ()                         # which stages to run, 1-based (empty = all four, in order)
+    train_overrides: dict = field(default_factory=dict)  # TrainConfig fields applied to every stage
+    launcher: str = "inprocess"                # "inprocess" (the flow's process) or "torchrun" (infra/torchrun.sh)
+    num_gpus: int = 0                          # GPUs training uses (0 = CPU); prices the budget guard
+    gpu_type: str = ""                         # infra/prices.toml [gpu] key, e.g. "H100-80GB"
+    cpu_cores: int = 2                         # cores a CPU run uses (prices CPU-only training)
+    # ---- evaluation ----
+    eval_suites: tuple = ("shapes",)           # microdit.evaluate suites: shapes (GenEval-style + FD) | fid30k | geneval | clip
+    eval_kwargs: dict = field(default_factory=dict)      # extra evaluate(...) arguments (EvalConfig fields)
+    eval_dataset: str | None = None            # reference set downloaded for FID (its folder is passed as coco_root)
+    # ---- robustness ----
+    download_retries: int = 3                  # retries of a failed download step
+    retry_delays: tuple = (5, 30, 120)         # seconds before each retry
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> "Profile":
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise ValueError(f"unknown profile fields {sorted(unknown)}; known: {sorted(known)}")
+        if "datasets" in changes:
+            changes["datasets"] = tuple(d if isinstance(d, DataSource) else DataSource(**d)
+                                        for d in changes["datasets"])
+        for k in ("resolutions", "eval_suites", "retry_delays", "stages"):
+            if k in changes:
+                changes[k] = tuple(changes[k])
+        return replace(self, **changes)
+
+
+PROFILES: dict[str, Profile] = {p.name: p for p in [
+    Profile(
+        name="local",
+        description="embedded default: shapes over loopback img2dataset, offline encoders, CPU presets, minutes",
+        datasets=(DataSource("shapes", samples=6000),),
+        image_autoencoder="pixel:2", text_encoder="tiny-clip:16", resolutions=(16, 32),
+        min_image_size=32, short_side=64, precompute_batch_size=256, precompute_workers=2,
+        precompute_threads=1, ray_num_cpus=2,
+        recipe="cpu", num_gpus=0, cpu_cores=2,
+        eval_suites=("shapes",), eval_kwargs={"steps": 20, "shapes_prompts_per_task": 10, "images_per_prompt": 4,
+                                              "shapes_real_images": 500},
+        download_retries=1, retry_delays=(1,)),
+    Profile(
+        name="subset",
+        description="a small fraction of the real sets, real encoders, one GPU node (8 GPUs), a short run of each stage",
+        datasets=(DataSource("cc12m", samples=200_000), DataSource("diffusiondb", samples=100_000)),
+        image_autoencoder="sdxl", text_encoder="openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378",
+        resolutions=(256, 512), precompute_batch_size=64, precompute_workers=8,
+        recipe="paper", steps_scale=0.02, launcher="torchrun", num_gpus=8, gpu_type="H100-80GB", cpu_cores=0,
+        eval_suites=("fid30k", "geneval", "clip"), eval_dataset="coco2014-val",
+        eval_kwargs={"num_samples": 5000, "device": "cuda"}),
+    Profile(
+        name="paper",
+        description="the full recipe: SA-1B + CC12M + JourneyDB + DiffusionDB, SDXL VAE + DFN5B, 8xH100, 2.6 days",
+        datasets=(DataSource("sa1b"), DataSource("cc12m"), DataSource("journeydb"), DataSource("diffusiondb")),
+        image_autoencoder="sdxl", text_encoder="openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378",
+        resolutions=(256, 512), precompute_batch_size=64, ray_address="auto",
+        recipe="paper", steps_scale=1.0, launcher="torchrun", num_gpus=8, gpu_type="H100-80GB", cpu_cores=0,
+        eval_suites=("fid30k", "geneval", "clip"), eval_dataset="coco2014-val",
+        eval_kwargs={"num_samples": 30000, "device": "cuda"}),
+]}
+
+
+def get_profile(name: str, overrides: dict | None = None) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)} (flows/profiles.py)")
+    return PROFILES[name].replace(**(overrides or {}))
+
+
+def usd_per_second(p: Profile, prices) -> float:
+    """What one second of this profile's training costs at `prices` (drives the budget guard)."""
+    if p.num_gpus:
+        return p.num_gpus * prices.gpu_price(p.gpu_type) / 3600
+    return max(p.cpu_cores, 1) * prices.cpu_usd_per_core_hour / 3600
+
+
+def _table() -> str:
+    rows = [f"{'profile':8} {'recipe':6} {'GPUs':>5}  {'encoders':34} description"]
+    for p in PROFILES.values():
+        rows.append(f"{p.name:8} {p.recipe:6} {p.num_gpus:>5}  {p.image_autoencoder + ' + ' + p.text_encoder[:20]:34}"
+                    f" {p.description}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(json.dumps(get_profile(sys.argv[1]).to_dict(), indent=2) if len(sys.argv) > 1 else _table())

@@ -1,0 +1,191 @@
+"""The pipeline's steps as plain functions (no Prefect): a profile in, finished asset folders out.
+
+Flows (flows/pipeline.py) wrap these in tasks. Each step writes into a folder named by the hash of
+its own config and of its inputs' folders (`runs/<run>/<step>/<name>-<hash>`), so a folder whose
+manifest.json exists is a finished asset made with exactly this config: re-running skips it, and a
+changed input or setting makes a new folder instead of silently reusing an old one.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from microdit.manifest import config_hash, read_manifest, write_json_atomic
+
+from .profiles import DataSource, Profile
+
+log = logging.getLogger("micro-budget")
+
+
+def asset_folder(base: Path, name: str, config: dict) -> Path:
+    return Path(base) / f"{name}-{config_hash(config)[:10]}"
+
+
+def finished(folder) -> bool:
+    return read_manifest(folder) is not None
+
+
+def run_root(root: str | os.PathLike, run_name: str, profile: Profile) -> Path:
+    """runs/<run_name>/ with the resolved profile saved beside the outputs."""
+    out = Path(root).resolve() / run_name
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "profile.json", profile.to_dict())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+
+def download_step(profile: Profile, source: DataSource, run: Path) -> tuple[Path, bool]:
+    """One raw set (dataprep.download). Returns (folder, skipped)."""
+    from dataprep.download import download
+    cfg = {"dataset": source.dataset, "samples": source.samples, "fraction": source.fraction}
+    out = asset_folder(run / "raw", source.dataset, cfg)
+    if finished(out):
+        return out, True
+    return Path(download(source.dataset, out, samples=source.samples, fraction=source.fraction)), False
+
+
+def precompute_config(profile: Profile, raw: Path, run: Path):
+    from dataprep.precompute import PrecomputeConfig
+    fields = {"resolutions": tuple(profile.resolutions), "image_autoencoder": profile.image_autoencoder,
+              "text_encoder": profile.text_encoder, "batch_size": profile.precompute_batch_size,
+              "workers": profile.precompute_workers, "threads": profile.precompute_threads,
+              "address": profile.ray_address, "num_cpus": profile.ray_num_cpus,
+              "min_size": profile.min_image_size, "short_side": profile.short_side}
+    cfg = PrecomputeConfig(input=str(raw), out="", **fields)
+    # the folder is named by what determines the latents (not by workers, threads or batch size)
+    out = asset_folder(run / "latents", raw.name.rsplit("-", 1)[0], cfg.identity())
+    cfg.out = str(out)
+    return cfg, out
+
+
+def precompute_step(profile: Profile, raw: Path, run: Path) -> tuple[Path, bool]:
+    """One latent set (dataprep.precompute, Ray in local mode unless the profile names a cluster)."""
+    from dataprep.precompute import precompute
+    cfg, out = precompute_config(profile, raw, run)
+    if finished(out):
+        return out, True
+    return Path(precompute(cfg)), False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+def trainer():
+    """microdit's training entry points: (TrainConfig, train, STAGES)."""
+    for mod in ("microdit.training", "microdit.train"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        if hasattr(m, "train"):
+            return m
+    raise ImportError("no microdit training entry point (microdit.training.train) is installed")
+
+
+def stage_configs(profile: Profile, latents: list[Path], run: Path) -> list:
+    """The profile's four stages on `latents`; out_dir = runs/<run>/train/<stage>-<hash>; chained by init_from."""
+    STAGES = trainer().STAGES
+    stages, prev = [], ""
+    recipe = STAGES[profile.recipe]
+    for i in profile.stages:
+        if not 1 <= i <= len(recipe):
+            raise ValueError(f"profile.stages has {i}: stages are numbered 1-{len(recipe)}")
+    for s in [recipe[i - 1] for i in profile.stages] if profile.stages else recipe:
+        steps = max(1, round(s.steps * profile.steps_scale))
+        cfg = s.replace(data=[str(p) for p in latents], steps=steps, init_from=prev, **profile.train_overrides)
+        key = {k: v for k, v in cfg.to_dict().items() if k not in ("out_dir", "progress")}
+        cfg = cfg.replace(out_dir=str(asset_folder(run / "train", s.name, key)))
+        stages.append(cfg)
+        prev = str(final_folder(cfg))
+    return stages
+
+
+def final_folder(cfg) -> Path:
+    """Where a stage's final checkpoint (model.safetensors + config.json + manifest.json) lands."""
+    return Path(cfg.out_dir) / "final"
+
+
+def stage_complete(cfg) -> bool:
+    """A stage is done when its final checkpoint exists (an early stop leaves a resumable checkpoint instead)."""
+    return finished(final_folder(cfg))
+
+
+class BudgetGuard:
+    """`should_stop(step, state)` for microdit.train: True once the projected spend would pass the budget.
+
+    projected = dollars already recorded for the run (other assets) + this stage's running wall time
+    (accumulated over its resumes) plus one more step, times the profile's $ per second.
+    """
+
+    def __init__(self, budget_usd: float, spent_before: float, usd_per_second: float):
+        self.budget_usd, self.spent_before, self.rate = budget_usd, spent_before, usd_per_second
+        self.stopped_at: int | None = None
+
+    def projected(self, step: int, wall_seconds: float) -> float:
+        per_step = wall_seconds / max(step, 1)
+        return self.spent_before + (wall_seconds + per_step) * self.rate
+
+    def __call__(self, step: int, state: dict) -> bool:
+        stop = self.projected(state.get("step", step), state["wall_seconds"]) > self.budget_usd
+        if stop:
+            self.stopped_at = step
+        return stop
+
+
+def train_step(cfg, guard: BudgetGuard | None = None, launcher: str = "inprocess", nproc: int = 1) -> Path:
+    """Train (or resume) one stage; returns its final folder, or the checkpoint written when it stopped early.
+
+    launcher "inprocess": microdit.train.train in this process, the guard as its stop hook (CPU, one GPU).
+    launcher "torchrun": infra/torchrun.sh on this node's `nproc` GPUs; the guard becomes the stage's
+    wall-clock limit (the trainer counts wall time over resumes, so the limit is the stage's total).
+    """
+    if launcher == "inprocess":
+        return Path(trainer().train(cfg, should_stop=guard))
+    if launcher != "torchrun":
+        raise ValueError(f"unknown launcher {launcher!r}: use 'inprocess' or 'torchrun'")
+    if guard is not None:
+        cfg = cfg.replace(max_wall_seconds=max(1.0, (guard.budget_usd - guard.spent_before) / guard.rate))
+    out = Path(cfg.out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg_file = write_json_atomic(out.parent / f"{out.name}.json", cfg.to_dict())
+    script = Path(__file__).resolve().parent.parent / "infra" / "torchrun.sh"
+    env = {**os.environ, "NPROC_PER_NODE": str(nproc), "PY": sys.executable}
+    subprocess.run(["bash", str(script), "--config", str(cfg_file)], check=True, env=env)
+    if finished(final_folder(cfg)):
+        return final_folder(cfg)
+    from microdit.training.state import latest_checkpoint
+    last = latest_checkpoint(out)
+    if last is None:
+        raise RuntimeError(f"torchrun finished but {out} holds neither final/ nor a checkpoint")
+    return last
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+
+def evaluate_step(profile: Profile, checkpoint: Path, run: Path, reference: Path | None = None
+                  ) -> tuple[Path, dict, bool]:
+    """Evaluate the final model; returns (folder with report.json + manifest.json, report, skipped).
+
+    reference: the downloaded eval set (profile.eval_dataset), passed to the FID suite as coco_root.
+    """
+    kwargs = dict(profile.eval_kwargs)
+    if reference is not None:
+        kwargs["coco_root"] = str(reference)
+    cfg = {"checkpoint": str(checkpoint), "suites": list(profile.eval_suites), **kwargs}
+    out = asset_folder(run / "eval", "eval", cfg)
+    if finished(out):
+        return out, json.loads((out / "report.json").read_text()), True
+    from microdit.evaluate import evaluate
+    report = evaluate(str(checkpoint), suites=list(profile.eval_suites), out_dir=str(out), **kwargs)
+    return out, report, False

@@ -1,0 +1,166 @@
+"""Training configuration: `TrainConfig` (one stage) and the stage presets (paper and CPU scale).
+
+The paper's recipe (SPEC "Training recipe", batch 2048, AdamW (0.9, 0.999), weight decay 0.1, bf16):
+
+    stage  resolution  mask  steps                    learning rate                        other
+    1      256         0.75  250K                     2.4e-4, 2.5K warm-up, cosine to 0.33x  clip 0.25
+    2      256         0     to 280K (30K more)       8e-5 constant                          clip 0.25
+    3      512         0.75  50K (counter restarts)   8e-5, 500 warm-up                      clip 0.5, EMA 0.99975
+    4      512         0     to 55K (5K more)         8e-5 constant                          clip 0.5, EMA 0.9975
+
+`steps` here is always the number of optimizer steps of the stage itself (the release counts
+cumulatively within a resolution: stage 2 "to 280K" = 30K steps here).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    # ---- what to train ----
+    name: str = "stage"                    # stage name (folder names, logs, manifest)
+    preset: str = "MicroDiT_Nano_2"        # microdit.model.PRESETS key
+    model_overrides: dict = field(default_factory=dict)  # MicroDiTConfig fields to override (e.g. patch_mixer=False)
+    init_from: str = ""                    # previous stage's checkpoint folder to start from ("" = fresh weights)
+    # ---- data ----
+    data: list = field(default_factory=list)          # latent set folders (MDS shards + schema.json)
+    data_proportions: list = field(default_factory=list)  # mixing proportion per set (empty = by size)
+    resolution: int = 16                   # image resolution in pixels: reads the latents_<resolution> column
+    caption_dropout: float = 0.1           # probability of a zeroed caption embedding (the unconditional branch)
+    shuffle: bool = True                   # shuffle the stream (deterministic per seed)
+    val_data: str = ""                     # held-out latent set for validation loss and sample captions
+    # ---- diffusion ----
+    mask_ratio: float = 0.0                # fraction of patch tokens dropped after the patch mixer
+    P_mean: float = -0.6                   # ln(sigma) ~ N(P_mean, P_std^2): (-0.6, 1.2) at 256 px, (0, 0.6) at 512
+    P_std: float = 1.2                     # spread of ln(sigma) in training
+    sigma_data: float = 0.9                # EDM data standard deviation
+    pos_interp_scale: float = 1.0          # position coordinates / this (1 at 256 px, 2 at 512 px)
+    # ---- optimisation ----
+    steps: int = 1000                      # optimizer steps of this stage
+    batch_size: int = 64                   # global batch (all ranks, after gradient accumulation)
+    micro_batch_size: int = 0              # per-rank forward batch (0 = batch_size / world size, no accumulation)
+    lr: float = 1e-3                       # peak learning rate (MoE experts and routers get lr * moe_lr_scale)
+    moe_lr_scale: float = 0.5              # learning-rate factor of the expert and router parameters
+    schedule: str = "cosine"               # "cosine" (warm-up, then cosine to final_lr_fraction) or "constant"
+    warmup_steps: int = 0                  # linear warm-up from 0 to lr
+    final_lr_fraction: float = 0.33        # cosine schedule ends at lr * this
+    betas: tuple = (0.9, 0.999)            # AdamW betas
+    weight_decay: float = 0.1              # AdamW decoupled weight decay
+    grad_clip: float = 0.25                # max global gradient norm (0 = no clipping)
+    ema_decay: float = 0.0                 # EMA of the weights (0 = none); exported weights are the EMA when kept
+    precision: str = "bf16"                # "bf16" autocast on CUDA; "fp32" everywhere (CPU always fp32)
+    compile: bool = False                  # torch.compile the model (~15% on H100; no gain on a small CPU model)
+    seed: int = 0                          # model init, data order, sigma/noise/mask draws, caption dropout
+    # ---- distributed ----
+    strategy: str = "ddp"                  # "ddp" or "fsdp" (SHARD_GRAD_OP, like the release) under torchrun / Ray
+    # ---- outputs ----
+    out_dir: str = "runs/stage"            # checkpoints/, final/, tensorboard/, samples/, metrics.jsonl
+    checkpoint_every: int = 100            # steps between resumable checkpoints (0 = only the final one)
+    keep_checkpoints: int = 2              # how many resumable checkpoints to keep
+    log_every: int = 10                    # steps between TensorBoard scalars
+    sample_every: int = 0                  # steps between sample image grids (0 = only at the end)
+    sample_prompts: list = field(default_factory=list)  # captions of the sample grids (empty = val set captions)
+    num_samples: int = 16                  # images per sample grid
+    sample_steps: int = 30                 # Heun steps for sample grids
+    guidance_scale: float = 5.0            # classifier-free guidance for sample grids
+    progress: bool = True                  # tqdm progress bar
+    # ---- stopping ----
+    max_wall_seconds: float = 0.0          # stop cleanly with a checkpoint after this long (0 = no limit)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes) -> "TrainConfig":
+        return replace(self, **changes)
+
+    def validate(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"TrainConfig.schedule is {self.schedule!r}: use 'cosine' or 'constant'")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"TrainConfig.strategy is {self.strategy!r}: use 'ddp' or 'fsdp'")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"TrainConfig.precision is {self.precision!r}: use 'bf16' or 'fp32'")
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"TrainConfig.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if not self.data:
+            raise ValueError("TrainConfig.data is empty: give at least one latent set folder (--data DIR)")
+        if self.data_proportions and len(self.data_proportions) != len(self.data):
+            raise ValueError(f"TrainConfig.data_proportions has {len(self.data_proportions)} entries for "
+                             f"{len(self.data)} data sets")
+
+
+# --------------------------------------------------------------------------------------------
+#                                        Stage presets
+# --------------------------------------------------------------------------------------------
+
+_PAPER_COMMON = dict(preset="MicroDiT_XL_2", batch_size=2048, betas=(0.9, 0.999), weight_decay=0.1,
+                     precision="bf16", caption_dropout=0.1, strategy="fsdp", checkpoint_every=1000,
+                     keep_checkpoints=3, log_every=50, sample_every=5000)
+_LOW, _HIGH = dict(resolution=256, P_mean=-0.6, P_std=1.2, pos_interp_scale=1.0), \
+    dict(resolution=512, P_mean=0.0, P_std=0.6, pos_interp_scale=2.0)
+
+PAPER_STAGES: list[TrainConfig] = [
+    TrainConfig(name="stage1", **_PAPER_COMMON, **_LOW, mask_ratio=0.75, steps=250_000, lr=2.4e-4,
+                schedule="cosine", warmup_steps=2_500, final_lr_fraction=0.33, grad_clip=0.25),
+    TrainConfig(name="stage2", **_PAPER_COMMON, **_LOW, mask_ratio=0.0, steps=30_000, lr=8e-5,
+                schedule="constant", grad_clip=0.25),
+    TrainConfig(name="stage3", **_PAPER_COMMON, **_HIGH, mask_ratio=0.75, steps=50_000, lr=8e-5,
+                schedule="constant", warmup_steps=500, grad_clip=0.5, ema_decay=0.99975),
+    TrainConfig(name="stage4", **_PAPER_COMMON, **_HIGH, mask_ratio=0.0, steps=5_000, lr=8e-5,
+                schedule="constant", grad_clip=0.5, ema_decay=0.9975),
+]
+
+# The same four stages at CPU scale: MicroDiT_Nano_2 on pixel:2 latents of 16 px then 32 px images
+# (12x8x8 and 12x16x16 latents = 16 and 64 tokens) with tiny-clip:16 captions. The step counts keep
+# the paper's proportions roughly (most steps masked at low resolution); learning rates are higher
+# because the model is ~400x smaller and the run ~300x shorter; EMA decays keep the paper's EMA
+# half-life as a fraction of the stage (0.99975 over 50K steps ~ 0.95 over a few hundred).
+_CPU_COMMON = dict(preset="MicroDiT_Nano_2", batch_size=64, betas=(0.9, 0.999), weight_decay=0.1,
+                   precision="fp32", caption_dropout=0.1, strategy="ddp", checkpoint_every=100,
+                   keep_checkpoints=2, log_every=10, sample_every=0, num_samples=16, sample_steps=20)
+_CPU_LOW, _CPU_HIGH = dict(resolution=16, P_mean=-0.6, P_std=1.2, pos_interp_scale=1.0), \
+    dict(resolution=32, P_mean=0.0, P_std=0.6, pos_interp_scale=2.0)
+
+CPU_STAGES: list[TrainConfig] = [
+    TrainConfig(name="stage1", **_CPU_COMMON, **_CPU_LOW, mask_ratio=0.75, steps=1200, lr=2e-3,
+                schedule="cosine", warmup_steps=50, final_lr_fraction=0.33, grad_clip=1.0),
+    TrainConfig(name="stage2", **_CPU_COMMON, **_CPU_LOW, mask_ratio=0.0, steps=300, lr=6e-4,
+                schedule="constant", grad_clip=1.0),
+    TrainConfig(name="stage3", **_CPU_COMMON, **_CPU_HIGH, mask_ratio=0.75, steps=375, lr=1e-3,
+                schedule="constant", warmup_steps=10, grad_clip=1.0, ema_decay=0.95),
+    TrainConfig(name="stage4", **_CPU_COMMON, **_CPU_HIGH, mask_ratio=0.0, steps=90, lr=1e-3,
+                schedule="constant", grad_clip=1.0, ema_decay=0.8),
+]
+
+STAGES: dict[str, list[TrainConfig]] = {"paper": PAPER_STAGES, "cpu": CPU_STAGES}
+
+
+def stage_configs(recipe: str, data: list, out_dir: str, val_data: str = "", **overrides) -> list[TrainConfig]:
+    """The four stages of `recipe` ("paper" or "cpu") on `data`, each in out_dir/<stage name>.
+
+    Stage i+1 starts from stage i's final weights (`init_from` is filled in by `run_stages`).
+    """
+    if recipe not in STAGES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(STAGES)}")
+    return [s.replace(data=list(data), val_data=val_data, out_dir=str(Path(out_dir) / s.name), **overrides)
+            for s in STAGES[recipe]]

@@ -1,0 +1,102 @@
+"""What a user watches: a tqdm bar (samples/s, ETA), TensorBoard scalars, metrics.jsonl, sample grids.
+
+    tensorboard --logdir runs/cpu          # loss, lr, grad_norm, samples_per_s of every stage
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..edm import EDMConfig, heun_sampler
+
+
+class Monitor:
+    """Rank-0 logging of one stage; every method is a no-op on other ranks."""
+
+    def __init__(self, out_dir, total_steps: int, start_step: int, batch_size: int, name: str,
+                 enabled: bool = True, progress: bool = True):
+        self.enabled, self.batch_size = enabled, batch_size
+        self.out = Path(out_dir)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.bar = self.tb = None
+        if not enabled:
+            return
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=start_step + 1)
+        except ImportError:          # pragma: no cover
+            warnings.warn("tensorboard is not installed: no TensorBoard scalars")
+        self._f = open(self.metrics_path, "a")
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, samples_per_s: float, log: bool) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s}
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.0f}")
+        if self.tb is not None and log:
+            for k in ("loss", "lr", "grad_norm", "samples_per_s"):
+                self.tb.add_scalar(f"train/{k}", rec[k], step)
+
+    def scalars(self, step: int, prefix: str, values: dict) -> None:
+        if self.enabled and self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def image(self, step: int, tag: str, grid: torch.Tensor) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_image(tag, grid, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self._f.close()
+
+
+@torch.no_grad()
+def sample_grid(model, captions: torch.Tensor, latent_shape, image_autoencoder: str, edm: EDMConfig,
+                num_steps: int = 20, guidance_scale: float = 5.0, seed: int = 0) -> torch.Tensor | None:
+    """Generate one image per caption embedding and return a (3, H, W) grid in [0, 1] (None when the
+    image autoencoder's weights are not available here)."""
+    from torchvision.utils import make_grid
+
+    from ..encoders import MissingWeightsError, load_image_autoencoder
+    try:
+        ae = load_image_autoencoder(image_autoencoder)
+    except MissingWeightsError as e:
+        warnings.warn(f"no sample grids: {e}")
+        return None
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.randn((captions.shape[0], *latent_shape), generator=gen, device=device)
+    lat = heun_sampler(model, noise, captions.to(device), num_steps=num_steps, guidance_scale=guidance_scale, cfg=edm)
+    model.train(was_training)
+    images = ((ae.decode(lat.cpu()) + 1) / 2).clamp(0, 1)
+    return make_grid(images, nrow=int(max(1, round(captions.shape[0] ** 0.5))), padding=1, pad_value=1.0)
+
+
+def save_png(grid: torch.Tensor, path, upscale: int = 1) -> Path:
+    from PIL import Image
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    img = Image.fromarray(arr)
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
