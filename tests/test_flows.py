@@ -31,7 +31,8 @@ def test_profiles_and_content_addressed_stages(tmp_path):
     assert [c.name for c in a] == ["stage1", "stage2", "stage3", "stage4"]
     assert a[1].init_from == str(Path(a[0].out_dir) / "final")          # each stage starts from the last
     assert all(x.out_dir != y.out_dir for x, y in zip(a, b))             # other inputs -> other folders
-    assert a[0].steps == max(1, round(800 * 0.01)) and a[2].resolution == 32
+    from microdit.training.config import CPU_STAGES
+    assert a[0].steps == max(1, round(CPU_STAGES[0].steps * 0.01)) and a[2].resolution == 32
     # latents are named by what determines them: more workers reuse them, another resolution does not
     raw = tmp_path / "raw" / "shapes-1"
     lat = steps.precompute_config(p, raw, tmp_path)[1]
