@@ -9,7 +9,9 @@ A latent set is the folder `dataprep.precompute` writes: MDS shards (indexes mer
 proportion (`streaming.Stream(proportion=...)`); the order is deterministic for a seed; the position
 is resumable (`loader.state_dict()` / `loader.load_state_dict()`, StreamingDataLoader). Caption dropout
 is applied by the trainer with its own checkpointed generator (`caption_dropout`), so that it too
-replays exactly after a resume.
+replays exactly after a resume. Only the columns training needs are decoded (one resolution's latents,
+the caption embeddings, the id), local shards are read through a memory map, and a batch is cast to
+float32 once (`decode_only`, `collate_latents`); `python -m dataprep.bench` measures it.
 
 Streaming keeps file locks in $TMPDIR and shared memory in /dev/shm. `prepare_run_tmp` gives each run
 its own TMPDIR (cleared at start) and unlinks the shared memory a previous, killed run of the same
@@ -18,6 +20,7 @@ folder left behind (only its own prefix, recorded with its pid; never another li
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -83,20 +86,92 @@ def _to_tensor(arr) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
 
 
+def collate_latents(items: list) -> dict:
+    """Stack a batch of float16 samples once and cast to float32 (cheaper than per-sample casts)."""
+    return {"latents": torch.from_numpy(np.stack([it["latents"] for it in items])).float(),
+            "caption": torch.from_numpy(np.stack([it["caption"] for it in items])).float(),
+            "sample_id": [it["sample_id"] for it in items]}
+
+
+class _ColumnDecoder:
+    """An MDS shard's `decode_sample` that decodes only the columns in `keep`.
+
+    Training reads one resolution's latents and the caption embeddings; the other resolutions'
+    latents, the caption text and the meta JSON are skipped (they are most of a sample's bytes)."""
+
+    def __init__(self, shard, keep):
+        from streaming.base.format.mds.encodings import mds_decode
+        self._decode = mds_decode
+        self.columns = list(zip(shard.column_names, shard.column_encodings, shard.column_sizes))
+        self.keep = set(keep)
+        missing = self.keep - set(shard.column_names)
+        if missing:
+            raise KeyError(f"MDS shard {shard.raw_data.basename} has no column(s) {sorted(missing)}")
+
+    def __call__(self, data: bytes) -> dict:
+        sizes, idx = [], 0
+        for _, _, size in self.columns:        # variable-size columns have their sizes up front
+            if size:
+                sizes.append(size)
+            else:
+                sizes.append(int(np.frombuffer(data, np.uint32, 1, idx)[0]))
+                idx += 4
+        out = {}
+        for (name, enc, _), size in zip(self.columns, sizes):
+            if name in self.keep:
+                out[name] = self._decode(enc, data[idx:idx + size])
+            idx += size
+        return out
+
+
+class _MappedSampleReader:
+    """An MDS shard's `get_sample_data` over one read-only memory map of the shard file (streaming
+    opens the file once per sample, which costs more than decoding a small latent). Only for
+    streams without a remote: their shards are never evicted, so the mapping stays valid."""
+
+    def __init__(self, shard):
+        self.path = os.path.join(shard.dirname, shard.split or "", shard.raw_data.basename)
+        self._map = None
+
+    def __getstate__(self):                 # a memory map is per process: re-open after pickling
+        return {"path": self.path, "_map": None}
+
+    def __call__(self, idx: int) -> bytes:
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        begin, end = np.frombuffer(self._map, np.uint32, 2, (1 + idx) * 4)
+        if end <= begin:
+            raise IndexError(f"sample {idx} is not present in {self.path}")
+        return self._map[begin:end]
+
+
+def decode_only(dataset, keep) -> None:
+    """Make every MDS shard of a streaming dataset decode just the `keep` columns (and read local
+    shards through a memory map)."""
+    from streaming.base.format.mds.reader import MDSReader
+    for shard, stream_id in zip(dataset.shards, dataset.stream_per_shard):
+        if isinstance(shard, MDSReader):
+            shard.decode_sample = _ColumnDecoder(shard, keep)
+            if dataset.streams[int(stream_id)].remote is None:
+                shard.get_sample_data = _MappedSampleReader(shard)
+
+
 def _make_dataset_class():
     from streaming import StreamingDataset
 
     class LatentStreamingDataset(StreamingDataset):
-        """Yields {"latents": (C, h, w), "caption": (L, Dc)} float32 tensors and the sample id."""
+        """Yields {"latents": (C, h, w), "caption": (L, Dc)} float16 arrays and the sample id
+        (`collate_latents` stacks a batch into float32 tensors)."""
 
         def __init__(self, *, latent_key: str, **kwargs):
             self.latent_key = latent_key
             super().__init__(**kwargs)
+            decode_only(self, (latent_key, "caption_latents", "sample_id"))
 
         def __getitem__(self, idx: int) -> dict:
             s = super().__getitem__(idx)
-            return {"latents": _to_tensor(s[self.latent_key]), "caption": _to_tensor(s["caption_latents"]),
-                    "sample_id": s["sample_id"]}
+            return {"latents": s[self.latent_key], "caption": s["caption_latents"], "sample_id": s["sample_id"]}
 
     return LatentStreamingDataset
 
@@ -119,7 +194,8 @@ def latent_loader(folders, resolution: int, batch_size: int, seed: int = 0, shuf
                  sampling_method="fixed" if proportions else "balanced")
     if run_dir is not None:
         record_shm_prefix(run_dir, ds)
-    return StreamingDataLoader(ds, batch_size=batch_size, num_workers=0, drop_last=drop_last)
+    return StreamingDataLoader(ds, batch_size=batch_size, num_workers=0, drop_last=drop_last,
+                               collate_fn=collate_latents)
 
 
 def caption_dropout(caption: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:

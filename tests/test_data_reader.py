@@ -37,6 +37,23 @@ def test_batches_have_schema_shapes_and_are_writable(sets, tmp_path):
     assert torch.equal(ds[3]["latents"], torch.from_numpy(ref))
 
 
+def test_loader_values_equal_every_column_decode(sets, tmp_path):
+    """The loader decodes only its columns through a memory map: values must match streaming's own
+    full decode of the same samples, for each resolution."""
+    from streaming import LocalDataset
+    full = LocalDataset(local=str(sets[0]))
+    by_id = {full[i]["sample_id"]: full[i] for i in range(len(full))}
+    for res in (16, 32):
+        seen = 0
+        for b in latent_loader([sets[0]], res, batch_size=8, seed=1, run_dir=tmp_path / f"v{res}"):
+            for j, sid in enumerate(b["sample_id"]):
+                ref = by_id[sid]
+                assert torch.equal(b["latents"][j], torch.from_numpy(ref[f"latents_{res}"].astype(np.float32)))
+                assert torch.equal(b["caption"][j], torch.from_numpy(ref["caption_latents"].astype(np.float32)))
+                seen += 1
+        assert seen == 48
+
+
 def test_order_is_deterministic_per_seed(sets, tmp_path):
     a = _ids(latent_loader([sets[0]], 16, 8, seed=3, run_dir=tmp_path / "1"))
     b = _ids(latent_loader([sets[0]], 16, 8, seed=3, run_dir=tmp_path / "2"))
