@@ -93,6 +93,19 @@ def collate_latents(items: list) -> dict:
             "sample_id": [it["sample_id"] for it in items]}
 
 
+def _decoder(encoding: str):
+    """bytes -> value for one MDS column encoding, parsed once (streaming re-parses it every sample)."""
+    kind, _, rest = encoding.partition(":")
+    if kind == "ndarray" and rest.count(":") == 1:          # ndarray:<dtype>:<shape>: fixed shape
+        dtype, shape = rest.split(":")
+        dtype, shape = np.dtype(dtype), tuple(int(d) for d in shape.split(","))
+        return lambda b: np.frombuffer(b, dtype).reshape(shape)
+    if kind == "str":
+        return lambda b: bytes(b).decode("utf-8")
+    from streaming.base.format.mds.encodings import mds_decode
+    return lambda b: mds_decode(encoding, b)
+
+
 class _ColumnDecoder:
     """An MDS shard's `decode_sample` that decodes only the columns in `keep`.
 
@@ -100,13 +113,12 @@ class _ColumnDecoder:
     latents, the caption text and the meta JSON are skipped (they are most of a sample's bytes)."""
 
     def __init__(self, shard, keep):
-        from streaming.base.format.mds.encodings import mds_decode
-        self._decode = mds_decode
         self.columns = list(zip(shard.column_names, shard.column_encodings, shard.column_sizes))
         self.keep = set(keep)
         missing = self.keep - set(shard.column_names)
         if missing:
             raise KeyError(f"MDS shard {shard.raw_data.basename} has no column(s) {sorted(missing)}")
+        self.decoders = {name: _decoder(enc) for name, enc, _ in self.columns if name in self.keep}
 
     def __call__(self, data: bytes) -> dict:
         sizes, idx = [], 0
@@ -119,7 +131,7 @@ class _ColumnDecoder:
         out = {}
         for (name, enc, _), size in zip(self.columns, sizes):
             if name in self.keep:
-                out[name] = self._decode(enc, data[idx:idx + size])
+                out[name] = self.decoders[name](data[idx:idx + size])
             idx += size
         return out
 
@@ -139,7 +151,9 @@ class _MappedSampleReader:
     def __call__(self, idx: int) -> bytes:
         if self._map is None:
             with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                # MAP_POPULATE: fault the (page-cached) shard in at once, not page by page per sample
+                self._map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                                      prot=mmap.PROT_READ)
         begin, end = np.frombuffer(self._map, np.uint32, 2, (1 + idx) * 4)
         if end <= begin:
             raise IndexError(f"sample {idx} is not present in {self.path}")
