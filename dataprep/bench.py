@@ -102,7 +102,7 @@ def bench_precompute(conv: Path, root: Path, encoder: str, unit_samples: int) ->
             t0 = time.time()
             precompute(PrecomputeConfig(str(conv), str(out), resolutions=(16, 32), image_autoencoder=encoder,
                                         text_encoder="tiny-clip:16", engine="ray", workers=workers, threads=1,
-                                        unit_samples=unit_samples, batch_size=64, progress=False))
+                                        unit_samples=unit_samples or None, batch_size=64, progress=False))
             wall = time.time() - t0
             steady, used = steady_throughput(out)
             n = json.loads((out / "manifest.json").read_text())["samples"]
@@ -134,7 +134,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=6000, help="shapes samples to precompute")
     p.add_argument("--encoder", default="pixel:2", help="image autoencoder (pixel:2 is the embedded default)")
-    p.add_argument("--unit-samples", type=int, default=250, help="samples per work unit")
+    p.add_argument("--unit-samples", type=int, default=0,
+                   help="samples per work unit (default 0: precompute's own rule, total/16 within 100-1000)")
     p.add_argument("--keep", help="keep the benchmark folders here instead of a temporary folder")
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
