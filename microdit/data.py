@@ -113,24 +113,20 @@ class _ColumnDecoder:
     latents, the caption text and the meta JSON are skipped (they are most of a sample's bytes)."""
 
     def __init__(self, shard, keep):
-        self.columns = list(zip(shard.column_names, shard.column_encodings, shard.column_sizes))
-        self.keep = set(keep)
-        missing = self.keep - set(shard.column_names)
+        self.sizes = list(shard.column_sizes)           # None = variable size, stored in the sample header
+        self.names = list(shard.column_names)
+        self.header = self.sizes.count(None)
+        missing = set(keep) - set(self.names)
         if missing:
             raise KeyError(f"MDS shard {shard.raw_data.basename} has no column(s) {sorted(missing)}")
-        self.decoders = {name: _decoder(enc) for name, enc, _ in self.columns if name in self.keep}
+        self.decoders = {n: _decoder(e) for n, e in zip(self.names, shard.column_encodings) if n in keep}
 
     def __call__(self, data: bytes) -> dict:
-        sizes, idx = [], 0
-        for _, _, size in self.columns:        # variable-size columns have their sizes up front
-            if size:
-                sizes.append(size)
-            else:
-                sizes.append(int(np.frombuffer(data, np.uint32, 1, idx)[0]))
-                idx += 4
-        out = {}
-        for (name, enc, _), size in zip(self.columns, sizes):
-            if name in self.keep:
+        var = iter(np.frombuffer(data, np.uint32, self.header).tolist())
+        idx, out = 4 * self.header, {}
+        for name, size in zip(self.names, self.sizes):
+            size = size or next(var)
+            if name in self.decoders:
                 out[name] = self.decoders[name](data[idx:idx + size])
             idx += size
         return out
