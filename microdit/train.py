@@ -30,7 +30,7 @@ from .manifest import CostMeter, Manifest, folder_bytes, read_manifest
 from .training import distributed as dist_utils
 from .training.config import STAGES, TrainConfig, stage_configs
 from .training.optim import EMA, make_optimizer, make_scheduler
-from .training.state import (CONFIG_NAME, clean_partial, latest_checkpoint, load_resumable, rng_state,
+from .training.state import (CONFIG_NAME, clean_partial, latest_checkpoint, load_latest, rng_state,
                              save_resumable, set_rng_state, truncate_metrics, write_folder_atomically)
 
 __all__ = ["TrainConfig", "STAGES", "train", "run_stages", "TrainingDiverged"]
@@ -167,9 +167,8 @@ def _train(cfg: TrainConfig, ctx, out: Path, final: Path, should_stop) -> Path:
 
     # ---- resume ----
     step, samples_seen, prior = 0, 0, {"wall": 0.0, "cpu": 0.0, "val_start": val_start}
-    last = latest_checkpoint(out)
+    last, st = load_latest(out)
     if last is not None:
-        st = load_resumable(last)
         _set_full_state(wrapped, optimizer, st["model"], st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         if ema is not None:
