@@ -193,7 +193,9 @@ class ExpertChoiceMoE(nn.Module):
         h = F.gelu(torch.bmm(xin, self.w1))                                 # (E, N*k, H)
         h = torch.bmm(h, self.w2)                                           # (E, N*k, D)
         h = h * g.transpose(0, 1).reshape(e, n * k, 1).to(h.dtype)
-        out = x.new_zeros(n * t, d).index_add(0, flat, h.reshape(-1, d))    # scatter-add back
+        # Under CUDA autocast x is fp32 (it comes from layer_norm) and h bf16 (from the matmuls): the
+        # experts' outputs are summed in x's dtype, as index_add needs one dtype.
+        out = x.new_zeros(n * t, d).index_add(0, flat, h.reshape(-1, d).to(x.dtype))  # scatter-add back
         return out.view(n, t, d)
 
 
