@@ -29,13 +29,17 @@ INPUT_DIR = "_input"          # URL lists and archives live here, beside the dow
 def download(dataset: str, out_dir: str | os.PathLike, samples: int | None = None, fraction: float | None = None,
              resolution: int | None = None, output_format: str = "files", processes: int = 1, threads: int = 32,
              seed: int = 0, links_file: str | None = None, url_list: str | None = None, retries: int = 2,
-             keep_archives: bool = False, missing=(), corrupt=()) -> Path:
+             keep_archives: bool = False, missing=(), corrupt=(), concurrency: int = 4,
+             allow_file_urls: bool = False, retry_delay: float = 2.0) -> Path:
     """Fetch `dataset` (a name in dataprep.specs.SPECS) into `out_dir`; returns the folder (with manifest.json).
 
     samples / fraction: a subset (the first rows of the URL list, or the first archives).
     resolution: image size on download (shapes: the drawn size; others: the short-side cap, default 512).
     url_list: a local copy of the set's URL list (instead of fetching spec.source).
     missing / corrupt: shapes only, indices served as 404 / garbage (for tests of the skip accounting).
+    retries: the one retry layer of a download: per URL in img2dataset, per file (with Range resume) in
+    dataprep.fetch, `retry_delay` seconds doubling between tries. concurrency: archives fetched at once.
+    allow_file_urls: accept file:// links in a links file (off: only http(s)).
     """
     spec, out = get_spec(dataset), Path(out_dir)
     config = {"dataset": dataset, "samples": samples, "fraction": fraction, "resolution": resolution,
@@ -67,7 +71,8 @@ def download(dataset: str, out_dir: str | os.PathLike, samples: int | None = Non
                                     retries=retries)
         elif spec.downloader in ("files", "hf_files"):
             from .archives import download_archives
-            stats = download_archives(spec, out, samples, fraction, links_file, keep_archives, retries)
+            stats = download_archives(spec, out, samples, fraction, links_file, keep_archives, retries,
+                                      concurrency, allow_file_urls, retry_delay)
         else:
             raise ValueError(f"spec {spec.name}: unknown downloader {spec.downloader!r}")
     Manifest(kind="raw", name=f"{dataset}-raw", config=config, samples=stats["samples"],
@@ -175,6 +180,9 @@ def main(argv=None) -> None:
     p.add_argument("--links-file", help="sa1b: the links file from the SA-1B download page")
     p.add_argument("--url-list", help="a local copy of the set's URL list")
     p.add_argument("--keep-archives", action="store_true", help="keep archives after extraction")
+    p.add_argument("--concurrency", type=int, default=4, help="archives downloaded at once")
+    p.add_argument("--retries", type=int, default=2, help="retries per file (archives) or per URL (img2dataset)")
+    p.add_argument("--allow-file-urls", action="store_true", help="accept file:// links in --links-file")
     p.add_argument("--list", action="store_true", help="print the dataset table and exit")
     a = p.parse_args(argv)
     if a.list or not a.dataset:
@@ -183,7 +191,8 @@ def main(argv=None) -> None:
     if not a.out:
         p.error("--out is required")
     path = download(a.dataset, a.out, a.samples, a.fraction, a.resolution, a.output_format, a.processes,
-                    a.threads, a.seed, a.links_file, a.url_list, keep_archives=a.keep_archives)
+                    a.threads, a.seed, a.links_file, a.url_list, retries=a.retries, keep_archives=a.keep_archives,
+                    concurrency=a.concurrency, allow_file_urls=a.allow_file_urls)
     m = Manifest.read(path)
     print(f"{path}: {m.samples} samples, skipped {m.skipped or 'none'}, {m.bytes / 1e6:.1f} MB, "
           f"{m.wall_seconds:.1f} s")

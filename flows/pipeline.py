@@ -106,12 +106,11 @@ def record_task(folders: list[str], step: str, profile: str, run_id: str, db: Pa
 @flow(name="micro-budget-data", log_prints=True)
 def data_flow(profile: str = "local", overrides: dict | None = None, run_name: str | None = None,
               root: str = "runs", ledger_db: str | None = None) -> list[str]:
-    """Download every training set of the profile (network steps retry with delays)."""
+    """Download every training set of the profile (each file or URL retries with delays, inside the step)."""
     p, run, run_id = _setup(profile, overrides, run_name, root)
     out = []
     for src in p.datasets:
-        dl = download_task.with_options(retries=p.download_retries, retry_delay_seconds=list(p.retry_delays))
-        raw = dl(p, src, run)
+        raw = download_task(p, src, run)            # retries happen per file inside (profile.download_retries)
         record_task([raw], "download", p.name, run_id, _db(root, ledger_db))
         out.append(raw)
     return out
@@ -176,8 +175,7 @@ def evaluate_flow(checkpoint: str, profile: str = "local", overrides: dict | Non
     p, run, run_id = _setup(profile, overrides, run_name, root)
     reference = None
     if p.eval_dataset:                                       # the FID reference set (COCO 2014 val)
-        dl = download_task.with_options(retries=p.download_retries, retry_delay_seconds=list(p.retry_delays))
-        reference = dl(p, DataSource(p.eval_dataset), run)
+        reference = download_task(p, DataSource(p.eval_dataset), run)
         record_task([reference], "download", p.name, run_id, _db(root, ledger_db))
     folder, report = evaluate_task(p, checkpoint, run, reference)
     record_task([folder], "evaluate", p.name, run_id, _db(root, ledger_db))

@@ -49,7 +49,9 @@ def download_step(profile: Profile, source: DataSource, run: Path) -> tuple[Path
     out = asset_folder(run / "raw", source.dataset, cfg)
     if finished(out):
         return out, True
-    return Path(download(source.dataset, out, samples=source.samples, fraction=source.fraction)), False
+    return Path(download(source.dataset, out, samples=source.samples, fraction=source.fraction,
+                         retries=profile.download_retries, retry_delay=profile.retry_delay,
+                         concurrency=profile.download_concurrency)), False
 
 
 def precompute_config(profile: Profile, raw: Path, run: Path):

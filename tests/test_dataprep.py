@@ -183,7 +183,7 @@ def flaky_server():
     httpd.server_close()
 
 
-def test_fetch_retries_then_skips_finished_and_never_leaves_partial_files(tmp_path, flaky_server):
+def test_fetch_retries_then_skips_finished_and_never_names_a_partial_file_finished(tmp_path, flaky_server):
     url = f"http://127.0.0.1:{flaky_server.server_address[1]}/a.bin"
     dest = fetch_url(url, tmp_path / "a.bin", retries=3, delay=0.01, progress=False)
     assert dest.read_bytes() == b"x" * 5000 and flaky_server.hits == 3
@@ -192,7 +192,8 @@ def test_fetch_retries_then_skips_finished_and_never_leaves_partial_files(tmp_pa
     flaky_server.fail_first, flaky_server.truncate = 0, True
     with pytest.raises(RuntimeError, match="failed after"):
         fetch_url(url, tmp_path / "b.bin", retries=1, delay=0.01, progress=False, timeout=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+    assert not (tmp_path / "b.bin").exists()                          # only b.bin.part (+ .json), for a resume
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin.part", "b.bin.part.json"]
 
 
 def test_shapes_through_img2dataset_keeps_ground_truth(tmp_path, output_format="files"):
