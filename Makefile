@@ -6,7 +6,6 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum
 
 export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
-export RAY_AUTH_MODE := disabled
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: setup demo test bench lock clean

@@ -90,13 +90,11 @@ def bench_train_step(batch: int = 64, threads: int = 1, steps: int = 4) -> float
 
 
 def bench_precompute(conv: Path, root: Path, encoder: str, unit_samples: int) -> dict:
-    import ray
+    from microdit.ray_cluster import ray_session
 
     from .precompute import PrecomputeConfig, precompute
-    tmp = tempfile.mkdtemp(prefix="mbray-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False, configure_logging=False)
     res = {}
-    try:
+    with ray_session(num_cpus=2):                        # one Ray for both runs: start-up is not measured
         for workers in (1, 2):
             out = root / f"latents-w{workers}"
             t0 = time.time()
@@ -109,9 +107,6 @@ def bench_precompute(conv: Path, root: Path, encoder: str, unit_samples: int) ->
             res[workers] = {"end_to_end": n / wall, "steady": steady, "actors_used": used, "wall": wall}
             print(f"  {workers} worker(s): steady {steady:7.1f} samples/s   end to end {n / wall:7.1f} samples/s "
                   f"({wall:.1f} s, {used} actor(s) did work)")
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
     return res
 
 

@@ -13,8 +13,9 @@ encoder, and written with the columns of `microdit.schema.LatentSchema`.
 
 Engine: Ray Data `map_batches` over work units with an actor pool of `dataprep.units.UnitEncoder`
 (one actor per GPU; on CPU machines `--workers` actors with `--threads` torch threads each). Locally it
-starts Ray itself (`ray.init`, bounded CPUs, no dashboard, a per-run temp folder) and stops it after;
-`--address` joins a cluster. `--engine local` runs the same units in this process, without Ray.
+starts Ray itself (`microdit.ray_cluster`: loopback only, token auth, bounded CPUs, no dashboard) and
+stops it after; `--address` joins a cluster with token auth (the token from RAY_AUTH_TOKEN or
+RAY_AUTH_TOKEN_PATH, docs/security.md). `--engine local` runs the same units in this process, without Ray.
 
 Restartable: kill it at any moment and run the same command again: finished units are kept, unfinished
 ones are redone, and the merged set holds every input sample exactly once. The folder is finished when
@@ -26,8 +27,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -209,18 +208,9 @@ def _run_local(run_cfg: dict, todo, cfg: PrecomputeConfig) -> None:
 
 def _run_ray(run_cfg: dict, todo, cfg: PrecomputeConfig) -> None:
     import ray
-    own = not ray.is_initialized()
-    tmp, old_tmpdir = None, os.environ.get("RAY_TMPDIR")
-    try:
-        if own:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            if cfg.address:
-                ray.init(address=cfg.address, log_to_driver=False)
-            else:
-                tmp = tempfile.mkdtemp(prefix="mbray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-                os.environ["RAY_TMPDIR"] = tmp
-                ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=tmp,
-                         log_to_driver=False, configure_logging=False)
+
+    from microdit.ray_cluster import ray_session
+    with ray_session(cfg.address, cfg.num_cpus):
         gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))
         workers = cfg.workers or (gpus if gpus else min(cpus, 8))
@@ -242,15 +232,6 @@ def _run_ray(run_cfg: dict, todo, cfg: PrecomputeConfig) -> None:
             bar.set_postfix_str(f"{workers} {'GPU' if gpus else 'CPU'} workers x {threads} threads")
             for row in ds.iter_rows():
                 bar.update(int(row["samples"]) + sum(json.loads(row["info"])["skipped"].values()))
-    finally:
-        if own:
-            ray.shutdown()
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if old_tmpdir is None:
-                    os.environ.pop("RAY_TMPDIR", None)
-                else:
-                    os.environ["RAY_TMPDIR"] = old_tmpdir
 
 
 def _merge(out: Path, infos: list[dict]) -> LatentSchema:

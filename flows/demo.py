@@ -133,7 +133,7 @@ def demo_env(runs: Path, port: int, run_name: str) -> dict:
     env.update(PREFECT_HOME=str(runs / "prefect"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_CLI_PROMPT="false",
                PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
-               RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(tmp / "ray"), TMPDIR=str(tmp),
+               RAY_TMPDIR=str(tmp / "ray"), TMPDIR=str(tmp),
                HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"), NO_ALBUMENTATIONS_UPDATE="1",
                OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")

@@ -36,7 +36,6 @@ def _setup(profile: str, overrides: dict | None, run_name: str | None, root: str
     run_name = run_name or p.name
     run = steps.run_root(root, run_name, p)
     os.environ.setdefault("RAY_TMPDIR", str(run / "tmp" / "ray"))   # Ray's sockets and logs stay in the run
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     return p, run, run_name
 
 

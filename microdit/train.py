@@ -457,13 +457,13 @@ def main(argv=None) -> None:
     else:
         p.error("give --recipe or --config")
     if a.ray_workers:
-        import ray
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
-        prev = ""
-        for cfg in stages:
-            cfg = cfg.replace(init_from=cfg.init_from or prev)
-            dist_utils.ray_train(cfg.to_dict(), a.ray_workers, a.ray_gpu)
-            prev = str(Path(cfg.out_dir) / "final")
+        from .ray_cluster import ray_session
+        with ray_session(address=os.environ.get("RAY_ADDRESS", "auto")):    # token auth: docs/security.md
+            prev = ""
+            for cfg in stages:
+                cfg = cfg.replace(init_from=cfg.init_from or prev)
+                dist_utils.ray_train(cfg.to_dict(), a.ray_workers, a.ray_gpu)
+                prev = str(Path(cfg.out_dir) / "final")
         return
     finals = run_stages(stages)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -129,7 +129,7 @@ def barrier() -> None:
 
 def ray_train(cfg_dict: dict, num_workers: int, use_gpu: bool, storage_path: str | None = None):
     """Run `microdit.train.train` on `num_workers` Ray Train workers (one per GPU) of a running Ray
-    cluster (`ray.init(address="auto")`); Ray Train starts the torch process group itself."""
+    cluster (joined with `microdit.ray_cluster.ray_session`); Ray Train starts the torch process group."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
