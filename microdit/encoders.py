@@ -100,12 +100,19 @@ class PixelAutoencoder:
 
 
 class DiffusersAutoencoder:
-    """A diffusers AutoencoderKL; latents = (posterior sample - shift) * scaling_factor."""
+    """A diffusers AutoencoderKL; latents = (posterior sample - shift) * scaling_factor.
+
+    A VAE whose config sets `force_upcast` (the SDXL and Ostris VAEs do: their fp16 decodes overflow into
+    NaN images) runs in float32 whatever `dtype` asks for; the latents and images it hands over are float32.
+    """
 
     def __init__(self, vae, name: str, device="cpu", dtype=torch.float32):
+        cfg = vae.config
+        self.force_upcast = bool(getattr(cfg, "force_upcast", False))
+        if self.force_upcast:
+            dtype = torch.float32
         self.vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.name, self.dtype = name, dtype
-        cfg = vae.config
         self.scaling_factor = float(cfg.scaling_factor)
         self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
         self.latent_channels = int(cfg.latent_channels)

@@ -127,3 +127,35 @@ def test_unknown_encoder_names_are_rejected():
         load_image_autoencoder("vqgan")
     with pytest.raises(ValueError, match="unknown text encoder"):
         load_text_encoder("bert:base")
+
+
+def _tiny_vae_folder(folder, force_upcast: bool):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  norm_num_groups=4, sample_size=16, force_upcast=force_upcast).save_pretrained(folder)
+    return f"diffusers:{folder}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_force_upcast_decodes_in_float32(tmp_path, dtype):
+    """A VAE config with force_upcast (SDXL's, Ostris') decodes in fp32 even under a half-precision pipeline."""
+    name = _tiny_vae_folder(tmp_path / "upcast", force_upcast=True)
+    half, full = load_image_autoencoder(name, dtype=dtype), load_image_autoencoder(name, dtype=torch.float32)
+    seen = []
+    half.vae.decoder.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    z = torch.randn(2, 4, 8, 8)
+    images = half.decode(z)
+    assert seen == [(torch.float32, torch.float32)] and half.force_upcast
+    assert torch.equal(images, full.decode(z))                     # exactly the fp32 decode
+    assert half.encode(images).dtype == torch.float32
+
+
+def test_no_force_upcast_keeps_the_pipeline_dtype(tmp_path):
+    name = _tiny_vae_folder(tmp_path / "plain", force_upcast=False)
+    half = load_image_autoencoder(name, dtype=torch.bfloat16)
+    seen = []
+    half.vae.decoder.register_forward_hook(lambda m, args, out: seen.append(args[0].dtype))
+    images = half.decode(torch.randn(1, 4, 8, 8))
+    assert seen == [torch.bfloat16] and not half.force_upcast and images.dtype == torch.float32
