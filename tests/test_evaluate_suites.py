@@ -9,6 +9,7 @@ from PIL import Image
 
 from microdit.encoders import MissingWeightsError
 from microdit.evaluate import evaluate
+from microdit.evaluate.run import format_report
 from microdit.evaluate.__main__ import main
 from microdit.evaluate.clip_models import ColorClassifier, clip_score, load_clip
 from microdit.evaluate.coco import coco_paths, sample_captions
@@ -127,6 +128,14 @@ def test_fid_and_clip_suites_on_a_tiny_coco(checkpoint, tmp_path):
         assert abs(frechet_distance(*feature_stats(extract_features(ref, RandomConvFeatures(16, 32))), z["mu"], z["sigma"])) < 1e-6
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert set(report["suites"]) == {"fid30k", "clip"}
+    # the COCO protocol stands beside the number, in the report and in the printed line
+    protocol = report["suites"]["fid30k"]["protocol"]
+    assert protocol["num_images"] == 8 and protocol["resolution"] == 16 and protocol["mode"].startswith("clean")
+    assert protocol["reference_statistics"] == str(files[0]) and "default_rng(0)" in protocol["captions"]
+    printed = format_report(report).splitlines()
+    at = next(i for i, line in enumerate(printed) if "FID" in line)
+    assert printed[at + 1].strip().startswith("protocol: COCO-2014 val FID") and str(files[0]) in printed[at + 1]
+    assert "16 px" in printed[at + 1] and "8 images" in printed[at + 1]
 
 
 def test_clip_score_range_and_errors():
@@ -197,6 +206,8 @@ def test_geneval_suite_full_path(checkpoint, tiny_detector, tmp_path):
     g = report["suites"]["geneval"]
     assert len(g["tasks"]) == 6 and g["images"] == 12 and 0 <= g["overall"] <= 1
     results = [json.loads(x) for x in (out / "results_geneval.jsonl").read_text().splitlines()]
-    assert len(results) == 12 and all("detections" in r for r in results)
+    assert len(results) == 12 and all({"filename", "metadata", "details"} <= set(r) for r in results)
+    assert results[3]["filename"] == str(out / "geneval" / "00001" / "samples" / "00001.png")
+    assert json.loads(results[3]["metadata"]) == one_per_task[1]
     assert (out / "geneval" / "00005" / "samples" / "00001.png").is_file()
     assert len(list(out.glob("grid_geneval_*.png"))) == 6

@@ -68,6 +68,26 @@ def sample_captions(captions_json: Path, images_dir: Path, num_samples: int, see
     return out
 
 
+def fid_protocol(num_images: int, resolution: int, extractor_name: str, seed: int, reference_statistics) -> dict:
+    """The COCO FID protocol a number was computed under: written beside every FID we report and print."""
+    features = ("TF-Inception pool3 (inception-2015-12-05)" if extractor_name.startswith("inception")
+                else f"{extractor_name} (a stand-in feature network: not comparable with published FID)")
+    return {"benchmark": f"COCO-2014 val FID-{num_images // 1000}K" if num_images % 1000 == 0 else
+                         f"COCO-2014 val FID ({num_images} images)",
+            "mode": "clean (clean-fid): float32 PIL bicubic resize to 299 per channel, " + features,
+            "resolution": int(resolution),
+            "captions": f"{num_images} distinct val images drawn with numpy default_rng({seed}), one of each image's "
+                        "captions drawn with the same generator; one generated image per caption",
+            "reference": f"the same {num_images} val images, centre-cropped square, PIL bicubic to {resolution} px",
+            "num_images": int(num_images), "reference_statistics": str(reference_statistics)}
+
+
+def protocol_line(p: dict) -> str:
+    """One line naming the protocol of an FID (printed after the number)."""
+    return (f"{p['benchmark']}, {p['num_images']} images at {p['resolution']} px, mode {p['mode']}; captions: "
+            f"{p['captions']}; reference: {p['reference']}; reference statistics: {p['reference_statistics']}")
+
+
 def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
     image = image.convert("RGB")
     w, h = image.size

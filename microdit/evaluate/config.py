@@ -37,7 +37,7 @@ class EvalConfig:
     detector: str = "facebook/mask2former-swin-small-coco-instance"   # transformers Mask2Former, hub id or folder
     color_clip: str = "ViT-L-14:openai"      # open_clip model of the colour check (the benchmark's)
     # --- CLIP score (on the generated COCO images) ---
-    clip_model: str = "ViT-L-14:openai"      # open_clip model for the CLIP score
+    clip_model: str = "hf:openai/clip-vit-large-patch14"   # CLIP score model (torchmetrics CLIPScore's default)
 
     def __post_init__(self):
         self.suites = tuple(self.suites)

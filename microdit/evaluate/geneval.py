@@ -96,19 +96,27 @@ class Mask2FormerDetector:
         return found
 
 
-def evaluate_image(image: Image.Image, metadata: dict, detector, colors) -> dict:
-    """One image: detections -> kept by the task's threshold -> GenEval rules with CLIP colours."""
+def evaluate_image(image: Image.Image, metadata: dict, detector, colors, filename: str = "") -> dict:
+    """One image: detections -> kept by the task's threshold -> GenEval rules with CLIP colours.
+
+    The record has the fields of the benchmark's own results file (`evaluate_images.py`): filename, tag,
+    prompt, correct, reason, metadata (the prompt's JSON) and details (kept boxes + scores per class, JSON),
+    so its `summary_scores.py` reads our results file as it reads its own.
+    """
     kept = keep_detections(detector(image), metadata["tag"])
     correct, reason = check_image(kept, metadata, lambda dets, name: colors(image, dets, name))
-    return {"tag": metadata["tag"], "prompt": metadata["prompt"], "correct": bool(correct), "reason": reason,
-            "detections": {k: [[round(v, 1) for v in d.box] + [round(d.score, 3)] for d in ds] for k, ds in kept.items()}}
+    details = {k: [[round(v, 1) for v in d.box] + [round(d.score, 3)] for d in ds] for k, ds in kept.items()}
+    return {"filename": str(filename), "tag": metadata["tag"], "prompt": metadata["prompt"], "correct": bool(correct),
+            "reason": reason, "metadata": json.dumps(metadata), "details": json.dumps(details)}
 
 
-def score_images(images, metadatas, detector, colors, progress: bool = True) -> tuple[dict, list[dict]]:
+def score_images(images, metadatas, detector, colors, progress: bool = True,
+                 filenames: list | None = None) -> tuple[dict, list[dict]]:
     from tqdm import tqdm
-    pairs = list(zip(images, metadatas))
-    results = [evaluate_image(im, md, detector, colors)
-               for im, md in tqdm(pairs, desc="geneval score", unit="img", disable=not progress, leave=False)]
+    filenames = filenames or [""] * len(metadatas)
+    triples = list(zip(images, metadatas, filenames))
+    results = [evaluate_image(im, md, detector, colors, fn)
+               for im, md, fn in tqdm(triples, desc="geneval score", unit="img", disable=not progress, leave=False)]
     return summarize(results), results
 
 

@@ -114,14 +114,38 @@ def check_image(detected: dict[str, list[Detection]], metadata: dict,
 
 
 def summarize(results: list[dict]) -> dict:
-    """GenEval summary: per task the mean of `correct` over its images, overall the mean of task scores."""
-    tasks = {}
+    """GenEval summary (the rules of the benchmark's `summary_scores.py`): per task the mean of `correct` over
+    its images, overall the mean of the task scores; also the fraction of correct images and of prompts with
+    at least one correct image (a prompt is its `metadata` record when present, else its text)."""
+    tasks, prompts = {}, {}
     for r in results:
+        key = r.get("metadata") or r["prompt"]
         t = tasks.setdefault(r["tag"], {"correct": 0, "images": 0, "prompts": set()})
         t["correct"] += bool(r["correct"])
         t["images"] += 1
-        t["prompts"].add(r["prompt"])
+        t["prompts"].add(key)
+        prompts[key] = prompts.get(key, False) or bool(r["correct"])
     per_task = {tag: {"score": v["correct"] / v["images"], "images": v["images"], "prompts": len(v["prompts"])}
                 for tag, v in sorted(tasks.items(), key=lambda kv: TASKS.index(kv[0]) if kv[0] in TASKS else 99)}
     overall = float(np.mean([v["score"] for v in per_task.values()])) if per_task else float("nan")
-    return {"overall": overall, "tasks": per_task, "images": len(results)}
+    correct_images = float(np.mean([bool(r["correct"]) for r in results])) if results else float("nan")
+    correct_prompts = float(np.mean(list(prompts.values()))) if prompts else float("nan")
+    return {"overall": overall, "tasks": per_task, "images": len(results), "prompts": len(prompts),
+            "correct_images": correct_images, "correct_prompts": correct_prompts}
+
+
+def summarize_file(path) -> dict:
+    """`summarize` over a results JSON-lines file: ours (results_geneval.jsonl) or one written by the
+    benchmark's own `evaluate_images.py` (records with at least tag, prompt or metadata, and correct)."""
+    import json
+    from pathlib import Path
+    results = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if "tag" not in r or "correct" not in r or not ("prompt" in r or "metadata" in r):
+            raise ValueError(f"{path} line {i + 1}: a GenEval result needs 'tag', 'correct' and 'prompt' or 'metadata'")
+        r.setdefault("prompt", json.loads(r["metadata"]).get("prompt") if isinstance(r.get("metadata"), str) else "")
+        results.append(r)
+    return summarize(results)

@@ -158,7 +158,7 @@ def run_geneval(cfg: EvalConfig, gen: LazyGenerator, out: Path) -> dict:
     metas = [p for p in prompts for _ in range(cfg.images_per_prompt)]
     generated = generate_missing(gen, jobs, cfg.batch_size, "generate geneval")
     images = load_images(jobs)
-    summary, results = geneval.score_images(images, metas, detector, colors)
+    summary, results = geneval.score_images(images, metas, detector, colors, filenames=[str(j.path) for j in jobs])
     _write_results(out / "results_geneval.jsonl", results)
     summary.update(detector=detector.name, color_clip=colors.clip.name, generated_now=generated,
                    grids=_task_grids(out, "geneval", images, results))
@@ -186,7 +186,7 @@ def _iter_images(jobs):
 
 
 def run_fid(cfg: EvalConfig, gen: LazyGenerator, out: Path) -> dict:
-    from .coco import reference_stats
+    from .coco import fid_protocol, reference_stats
     from .frechet import extract_features, feature_stats, frechet_distance, load_feature_extractor
     entries, jobs, cap = _coco_jobs(cfg, out)
     extractor = load_feature_extractor(cfg.inception, cfg.device)                  # fail fast on weights
@@ -199,20 +199,23 @@ def run_fid(cfg: EvalConfig, gen: LazyGenerator, out: Path) -> dict:
     image_grid(load_images(jobs[:GRID_IMAGES]), [e["caption"] for e in entries[:GRID_IMAGES]]).save(out / "grid_coco.png")
     return {"fid": frechet_distance(mu_g, sigma_g, mu_r, sigma_r), "num_samples": cfg.num_samples,
             "resolution": resolution, "feature_extractor": extractor.name, "resize": "clean-fid float bicubic",
-            "reference_cache": str(cache), "generated_now": generated, "grids": ["grid_coco.png"]}
+            "reference_cache": str(cache), "generated_now": generated, "grids": ["grid_coco.png"],
+            "protocol": fid_protocol(cfg.num_samples, resolution, extractor.name, cfg.seed, cache)}
 
 
 def run_clip(cfg: EvalConfig, gen: LazyGenerator, out: Path) -> dict:
-    from .clip_models import load_clip
+    from .clip_models import clip_scores, load_clip
     entries, jobs, _ = _coco_jobs(cfg, out)
     clip = load_clip(cfg.clip_model, cfg.device)                                   # fail fast on weights
     generated = generate_missing(gen, jobs, cfg.batch_size, f"generate coco-{cfg.num_samples}")
     total, chunk = 0.0, 256
     for i in range(0, len(jobs), chunk):
-        img = clip.image_features(load_images(jobs[i:i + chunk]), cfg.batch_size)
-        txt = clip.text_features([e["caption"] for e in entries[i:i + chunk]])
-        total += float((100 * (img * txt).sum(-1).clamp(min=0)).sum())
-    return {"clip_score": total / len(jobs), "num_samples": len(jobs), "model": clip.name, "generated_now": generated}
+        total += float(clip_scores(clip, load_images(jobs[i:i + chunk]), [e["caption"] for e in entries[i:i + chunk]],
+                                   cfg.batch_size).double().sum())
+    return {"clip_score": max(total / len(jobs), 0.0), "num_samples": len(jobs), "model": clip.name,
+            "generated_now": generated,
+            "protocol": f"max(mean of 100 x cos(image, caption), 0) over the {len(jobs)} generated COCO images and "
+                        f"their captions (torchmetrics CLIPScore), {clip.name}"}
 
 
 RUNNERS = {"shapes": run_shapes, "geneval": run_geneval, "fid30k": run_fid, "clip": run_clip}
@@ -270,8 +273,11 @@ def format_report(report: dict) -> str:
         if "fd" in r:
             lines.append(f"  Fréchet distance ({r['fd_features']}, {r['fd_real_images']} real images): {r['fd']:.4f}")
         if "fid" in r:
+            from .coco import protocol_line
             lines.append(f"{suite}: FID {r['fid']:.3f} ({r['num_samples']} samples, {r['resolution']} px, "
                          f"{r['feature_extractor']})")
+            if "protocol" in r:
+                lines.append(f"  protocol: {protocol_line(r['protocol'])}")
         if "clip_score" in r:
             lines.append(f"{suite}: CLIP score {r['clip_score']:.3f} ({r['num_samples']} samples, {r['model']})")
     return "\n".join(lines)
