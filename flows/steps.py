@@ -7,7 +7,6 @@ changed input or setting makes a new folder instead of silently reusing an old o
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -81,21 +80,9 @@ def precompute_step(profile: Profile, raw: Path, run: Path) -> tuple[Path, bool]
 # Training
 # ----------------------------------------------------------------------------------------------------
 
-def trainer():
-    """microdit's training entry points: (TrainConfig, train, STAGES)."""
-    for mod in ("microdit.training", "microdit.train"):
-        try:
-            m = importlib.import_module(mod)
-        except ImportError:
-            continue
-        if hasattr(m, "train"):
-            return m
-    raise ImportError("no microdit training entry point (microdit.training.train) is installed")
-
-
 def stage_configs(profile: Profile, latents: list[Path], run: Path) -> list:
     """The profile's four stages on `latents`; out_dir = runs/<run>/train/<stage>-<hash>; chained by init_from."""
-    STAGES = trainer().STAGES
+    from microdit.training.config import STAGES
     stages, prev = [], ""
     recipe = STAGES[profile.recipe]
     for i in profile.stages:
@@ -122,7 +109,7 @@ def stage_complete(cfg) -> bool:
 
 
 class BudgetGuard:
-    """`should_stop(step, state)` for microdit.train: True once the projected spend would pass the budget.
+    """`should_stop(step, state)` for the trainer: True once the projected spend would pass the budget.
 
     projected = dollars already recorded for the run (other assets) + this stage's running wall time
     (accumulated over its resumes) plus one more step, times the profile's $ per second.
@@ -146,12 +133,13 @@ class BudgetGuard:
 def train_step(cfg, guard: BudgetGuard | None = None, launcher: str = "inprocess", nproc: int = 1) -> Path:
     """Train (or resume) one stage; returns its final folder, or the checkpoint written when it stopped early.
 
-    launcher "inprocess": microdit.train.train in this process, the guard as its stop hook (CPU, one GPU).
+    launcher "inprocess": microdit.training.loop.train in this process, the guard as its stop hook (CPU, one GPU).
     launcher "torchrun": infra/torchrun.sh on this node's `nproc` GPUs; the guard becomes the stage's
     wall-clock limit (the trainer counts wall time over resumes, so the limit is the stage's total).
     """
     if launcher == "inprocess":
-        return Path(trainer().train(cfg, should_stop=guard))
+        from microdit.training.loop import train
+        return Path(train(cfg, should_stop=guard))
     if launcher != "torchrun":
         raise ValueError(f"unknown launcher {launcher!r}: use 'inprocess' or 'torchrun'")
     if guard is not None:

@@ -101,7 +101,7 @@ def training_step(model, opt, x, y, mask_ratio, edm, autocast_dtype=None):
     """One step: EDM loss (masked when mask_ratio > 0), backward, AdamW. No host synchronisation."""
     def step():
         with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = edm_loss(model, x, y, edm, mask_ratio=mask_ratio)
+            loss = edm_loss(model, x, y, edm, mask_ratio=mask_ratio, patch_size=model.patch_size)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -218,7 +218,7 @@ def cuda_section(batch: int = 256, mask_ratio: float = 0.75, steps: int = 10, co
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = edm_loss(fwd, x, y, edm, mask_ratio=mask_ratio)
+            loss = edm_loss(fwd, x, y, edm, mask_ratio=mask_ratio, patch_size=model.patch_size)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -55,10 +55,11 @@ def sample_sigma(n: int, cfg: EDMConfig, device=None, generator=None) -> torch.T
 
 def edm_loss(model, x: torch.Tensor, y: torch.Tensor, cfg: EDMConfig, mask_ratio: float = 0.0,
              generator: torch.Generator | None = None, sigma: torch.Tensor | None = None,
-             per_sample: bool = False) -> torch.Tensor:
+             per_sample: bool = False, patch_size: int | None = None) -> torch.Tensor:
     """Weighted denoising loss. With masking, the per-patch loss is averaged over kept patches only.
 
     `generator` makes sigma, noise and the kept-token draw reproducible (exact resume, validation).
+    `patch_size` (the model's) is needed with masking: it turns latents into the model's tokens.
     """
     n, device = x.shape[0], x.device
     if sigma is None:
@@ -67,15 +68,17 @@ def edm_loss(model, x: torch.Tensor, y: torch.Tensor, cfg: EDMConfig, mask_ratio
     noise = torch.randn(x.shape, device=device, generator=generator, dtype=x.dtype) * sigma
     keep_ids = None
     if mask_ratio > 0:
+        if not patch_size:
+            raise ValueError("edm_loss with mask_ratio > 0 needs the model's patch_size")
         from .model import random_keep_ids
-        p = model.patch_size
+        p = patch_size
         keep_ids = random_keep_ids(n, (x.shape[2] // p) * (x.shape[3] // p), mask_ratio, device, generator)
     D = denoise(model, x + noise, sigma, y, cfg.sigma_data, mask_ratio, keep_ids)
     loss = loss_weight(sigma, cfg.sigma_data) * (D - x) ** 2                   # (N, C, H, W)
     if keep_ids is None:
         per = loss.flatten(1).mean(dim=1)
     else:
-        per_patch = F.avg_pool2d(loss.mean(dim=1, keepdim=True), model.patch_size).flatten(1)  # (N, T)
+        per_patch = F.avg_pool2d(loss.mean(dim=1, keepdim=True), patch_size).flatten(1)        # (N, T)
         per = torch.gather(per_patch, 1, keep_ids).mean(dim=1)
     return per if per_sample else per.mean()
 

@@ -47,7 +47,7 @@ def test_masked_loss_is_mean_over_kept_patches():
     x, y = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 32)
     sigma = torch.tensor([0.2, 1.0, 7.0])
     loss = edm_loss(model, x, y, cfg, mask_ratio=0.75, generator=torch.Generator().manual_seed(11), sigma=sigma,
-                    per_sample=True)
+                    per_sample=True, patch_size=model.patch_size)
     # the same draws, in the same order: noise, then the kept tokens
     g = torch.Generator().manual_seed(11)
     noise = torch.randn(x.shape, generator=g) * sigma.view(3, 1, 1, 1)
@@ -64,7 +64,8 @@ def test_masked_loss_is_mean_over_kept_patches():
         manual.append(torch.stack(per_patch).mean())
     torch.testing.assert_close(loss, torch.stack(manual), atol=1e-6, rtol=1e-5)
     assert loss.shape == (3,)
-    batch_loss = edm_loss(model, x, y, cfg, 0.75, torch.Generator().manual_seed(11), sigma)
+    batch_loss = edm_loss(model, x, y, cfg, 0.75, torch.Generator().manual_seed(11), sigma,
+                          patch_size=model.patch_size)
     torch.testing.assert_close(batch_loss, loss.mean())
 
 

@@ -127,19 +127,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def ray_train(cfg_dict: dict, num_workers: int, use_gpu: bool, storage_path: str | None = None):
-    """Run `microdit.train.train` on `num_workers` Ray Train workers (one per GPU) of a running Ray
-    cluster (joined with `microdit.ray_cluster.ray_session`); Ray Train starts the torch process group."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    def loop(config):
-        from microdit.train import train
-        from microdit.training.config import TrainConfig
-        os.environ.setdefault("LOCAL_RANK", str(__import__("ray").train.get_context().get_local_rank()))
-        train(TrainConfig.from_dict(config))
-
-    trainer = TorchTrainer(loop, train_loop_config=cfg_dict,
-                           scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-                           run_config=RunConfig(storage_path=storage_path, name=cfg_dict.get("name", "microdit")))
-    return trainer.fit()
+def replica_checksums(model: torch.nn.Module, ctx: DistContext) -> list[float] | None:
+    """Every rank's weight checksum (data-parallel replicas must agree; raise if they do not)."""
+    if ctx.world_size == 1:
+        return None
+    with torch.no_grad():
+        mine = float(sum((p.double() * (i + 1)).sum().item() for i, p in enumerate(model.parameters())))
+    sums = gather_objects(mine)
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"data-parallel replicas disagree after training: weight checksums {sums}")
+    return sums

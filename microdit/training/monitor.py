@@ -66,6 +66,24 @@ class Monitor:
         self._f.close()
 
 
+def sample_captions(cfg, schema, n: int) -> tuple[torch.Tensor, list[str]] | None:
+    """Caption embeddings for the sample grids: cfg.sample_prompts (encoded), else held-out captions."""
+    if cfg.sample_prompts:
+        from ..encoders import MissingWeightsError, load_text_encoder
+        try:
+            te = load_text_encoder(schema.text_encoder)
+        except MissingWeightsError as e:
+            warnings.warn(f"sample prompts cannot be encoded here: {e}")
+            return None
+        prompts = list(cfg.sample_prompts)[:n]
+        with torch.inference_mode():
+            return te.encode(prompts).float(), prompts
+    from ..data import LatentSet
+    ds = LatentSet(cfg.val_data or cfg.data[0], cfg.resolution)
+    b = ds.batch(range(min(n, len(ds))))
+    return b["caption"], b["caption_text"]
+
+
 @torch.no_grad()
 def sample_grid(model, captions: torch.Tensor, latent_shape, image_autoencoder: str, edm: EDMConfig,
                 num_steps: int = 20, guidance_scale: float = 5.0, seed: int = 0) -> torch.Tensor | None:
