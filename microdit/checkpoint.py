@@ -8,7 +8,9 @@ Our folder (local, or a Hugging Face hub repo with the same two files):
     model.safetensors  the DiT state dict (EMA weights when the trainer keeps an EMA)
 
 The released checkpoints are plain `torch.save` state dicts of the DiT (MicroDiT_XL_2, 512 px,
-SDXL VAE or Ostris VAE, DFN5B CLIP captions); `load_model` recognises them by the `.pt` suffix.
+SDXL VAE or Ostris VAE, DFN5B CLIP captions); `load_model` recognises them by the `.pt` suffix, as a local
+path or as `<hub repo id>/<file in the repo>`, e.g. `VSehwag24/MicroDiT/ckpts/dit_4_channel_37M_real_and_synthetic_data.pt`
+(the release's hub repository; read from the Hugging Face cache, downloaded when missing and online).
 """
 from __future__ import annotations
 
@@ -27,6 +29,23 @@ FORMAT, VERSION = "microdit", 1
 # What the released checkpoints were trained with (README of the release; SPEC "Headline results").
 RELEASE_TEXT_ENCODER = "openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
 RELEASE_VAE = {4: "sdxl", 16: "ostris"}
+# Where they are published (Apache-2.0): the hub repository and its four files, with the release's figures.
+RELEASE_REPO = "VSehwag24/MicroDiT"
+RELEASE_FILES = {
+    "ckpts/dit_4_channel_22M_real_only_data.pt": "22M real images, SDXL VAE: FID-30K 12.72, GenEval 0.46",
+    "ckpts/dit_4_channel_37M_real_and_synthetic_data.pt": "37M images, SDXL VAE: FID-30K 12.66, GenEval 0.46",
+    "ckpts/dit_16_channel_37M_real_and_synthetic_data.pt": "37M images, Ostris VAE: FID-30K 13.04, GenEval 0.40",
+    "ckpts/dit_4_channel_0.5B_synthetic_data.pt": "490M synthetic images, SDXL VAE: FID-30K 13.26, GenEval 0.52",
+}
+RELEASE_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def hub_file_spec(path: str) -> tuple[str, str] | None:
+    """'owner/repo/dir/file.pt' -> ('owner/repo', 'dir/file.pt') when it names no local file; else None."""
+    parts = str(path).split("/")
+    if Path(path).exists() or str(path).startswith((".", "/", "~")) or len(parts) < 3 or not all(parts):
+        return None
+    return ("/".join(parts[:2]), "/".join(parts[2:])) if Path(path).suffix in RELEASE_SUFFIXES else None
 
 
 def save_model(folder, model: MicroDiT, *, preset: str, image_autoencoder: str, text_encoder: str,
@@ -56,7 +75,12 @@ def load_model(path: str, *, preset: str | None = None, device="cpu", dtype=torc
     meta has the keys of config.json; for a `.pt` file they are inferred (and can be overridden).
     """
     p = Path(path)
-    if p.suffix in (".pt", ".pth", ".bin") or (p.is_file() and p.suffix != ".safetensors"):
+    hub_file = hub_file_spec(path)
+    if hub_file is not None:
+        from .encoders import hub_file_or_fail
+        local = Path(hub_file_or_fail(*hub_file, what="MicroDiT checkpoint"))
+        return _load_release(local, preset, device, dtype, image_autoencoder, text_encoder, source=str(path))
+    if p.suffix in RELEASE_SUFFIXES or (p.is_file() and p.suffix != ".safetensors"):
         return _load_release(p, preset, device, dtype, image_autoencoder, text_encoder)
     folder = p if p.exists() else _hub_snapshot(path)
     if folder.is_file():
@@ -93,7 +117,7 @@ def release_state_dict(obj) -> dict:
     return obj
 
 
-def _load_release(file: Path, preset, device, dtype, image_autoencoder, text_encoder):
+def _load_release(file: Path, preset, device, dtype, image_autoencoder, text_encoder, source: str | None = None):
     if not file.exists():
         raise FileNotFoundError(f"checkpoint {file} does not exist")
     sd = release_state_dict(torch.load(file, map_location="cpu", weights_only=True))
@@ -118,7 +142,7 @@ def _load_release(file: Path, preset, device, dtype, image_autoencoder, text_enc
             "image_autoencoder": image_autoencoder or RELEASE_VAE.get(int(in_channels), "sdxl"),
             "text_encoder": text_encoder or RELEASE_TEXT_ENCODER, "resolution": latent_res * 8,
             "edm": EDMConfig(P_mean=0.0 if latent_res >= 64 else -0.6, P_std=0.6 if latent_res >= 64 else 1.2).to_dict(),
-            "extra": {"source": str(file)}}
+            "extra": {"source": source or str(file)}}
     return model.to(device=device, dtype=dtype).eval(), meta
 
 

@@ -70,6 +70,24 @@ def hub_download_or_fail(repo_id: str, allow_patterns=None, what: str = "model")
         raise MissingWeightsError(f"{what} {repo_id!r} could not be downloaded ({e}): {hint}") from e
 
 
+def hub_file_or_fail(repo_id: str, filename: str, what: str = "model file") -> str:
+    """Local path of one file of a hub repo: from the cache if there, else downloaded; fail fast when offline."""
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(repo_id, filename, local_files_only=True)
+    except Exception:
+        pass
+    hint = (f"download it on a connected machine (`huggingface-cli download {repo_id} {filename}`) and copy the "
+            f"Hugging Face cache here, or pass the local path of the file")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or not _hub_reachable():
+        raise MissingWeightsError(f"{what} {filename!r} of {repo_id!r} is not in the local Hugging Face cache and "
+                                  f"the hub cannot be reached: {hint}")
+    try:
+        return hf_hub_download(repo_id, filename)
+    except Exception as e:
+        raise MissingWeightsError(f"{what} {filename!r} of {repo_id!r} could not be downloaded ({e}): {hint}") from e
+
+
 def _local_or_hub(name: str, allow_patterns, what: str) -> str:
     if os.path.exists(name):
         return name

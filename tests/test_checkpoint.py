@@ -122,12 +122,39 @@ def test_absent_hub_model_fails_fast(monkeypatch):
 
 def test_release_xl_shaped_file_loads_as_512px_xl(tmp_path):
     """Every tensor of the TSV layout (one stored number each, the real sin-cos table) through the release path."""
-    with torch.device("meta"):
-        xl = create_model("MicroDiT_XL_2", latent_res=64, pos_interp_scale=2)
-    sd = {k: torch.zeros(1).expand(v.shape) for k, v in xl.state_dict().items()}
-    sd["pos_embed"] = sincos_pos_embed_2d(1024, 32, 2.0)[None]
-    torch.save(sd, tmp_path / "dit_4_channel_stand_in.pt")
+    _xl_stand_in(tmp_path / "dit_4_channel_stand_in.pt")
     model, meta = load_model(str(tmp_path / "dit_4_channel_stand_in.pt"))
     assert meta["preset"] == "MicroDiT_XL_2" and meta["resolution"] == 512 and meta["image_autoencoder"] == "sdxl"
     assert model.config.latent_res == 64 and model.config.pos_interp_scale == 2.0
     assert model.num_params() == 1_165_442_320
+
+
+def _xl_stand_in(path):
+    with torch.device("meta"):
+        xl = create_model("MicroDiT_XL_2", latent_res=64, pos_interp_scale=2)
+    sd = {k: torch.zeros(1).expand(v.shape) for k, v in xl.state_dict().items()}
+    sd["pos_embed"] = sincos_pos_embed_2d(1024, 32, 2.0)[None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, path)
+
+
+def test_released_file_loads_by_hub_repo_id_and_file_name(tmp_path, monkeypatch):
+    """`VSehwag24/MicroDiT/ckpts/<file>.pt` through huggingface_hub, offline, from a Hugging Face cache laid out
+    as a download leaves it (refs/main -> snapshots/<commit>/<file>) with an XL-shaped stand-in file."""
+    import huggingface_hub.constants as hub_constants
+
+    from microdit.checkpoint import RELEASE_FILES, RELEASE_REPO
+    name = "ckpts/dit_4_channel_37M_real_and_synthetic_data.pt"
+    assert name in RELEASE_FILES and RELEASE_REPO == "VSehwag24/MicroDiT"
+    repo_dir = tmp_path / "hub" / "models--VSehwag24--MicroDiT"
+    commit = "0" * 40
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    _xl_stand_in(repo_dir / "snapshots" / commit / name)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, meta = load_model(f"{RELEASE_REPO}/{name}")
+    assert meta["preset"] == "MicroDiT_XL_2" and meta["resolution"] == 512 and meta["image_autoencoder"] == "sdxl"
+    assert meta["extra"]["source"] == f"{RELEASE_REPO}/{name}" and model.num_params() == 1_165_442_320
+    with pytest.raises(MissingWeightsError, match="dit_16_channel_37M_real_and_synthetic_data.pt.*VSehwag24/MicroDiT"):
+        load_model(f"{RELEASE_REPO}/ckpts/dit_16_channel_37M_real_and_synthetic_data.pt")
