@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m microdit.bench                 # CPU: masking, MoE dispatch, full step, presets
     python -m microdit.bench --device cuda                     # GPU: MicroDiT_XL_2 at 256 px, mask 0.75, bf16: MFU
+    python -m microdit.bench memory --recipe paper --gpu-memory 80   # per-stage peak GPU memory (no GPU needed)
 
 CPU sections (timings here are noisy: variants are interleaved round by round and their best times compared):
   1. training step (forward + backward + AdamW) of a fixed bench configuration at mask 0, 0.5, 0.75, as a ratio
@@ -253,6 +254,11 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 
 
 def main(argv=None) -> dict:
+    import sys
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["memory"]:                         # the memory planner (microdit/memory.py)
+        from .memory import main as memory_main
+        raise SystemExit(memory_main(["plan", *argv[1:]]))
     ap = argparse.ArgumentParser(prog="python -m microdit.bench", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -11,10 +11,10 @@ under CPU autocast can therefore mix dtypes in a way that first fails on the GPU
   autograd engine asks the driver for a CUDA context), so this is the reference the second emulation is
   tested against (tests/test_cuda_rules.py compares the dtype of every module's output).
 - `cpu_autocast_like_cuda()`: CPU tensors, real or fake (`fake_tensors("cpu")`), forward and backward.
-  CPU autocast casts the matmuls; a TorchFunctionMode adds the CUDA rules CPU autocast lacks for the ops
-  this code base uses (`CUDA_FP32_FUNCS` run in fp32, `CUDA_LOWER_FUNCS` in the autocast dtype). Real
-  CPU kernels make their own dtype checks; fake kernels skip some, so `fake_tensors` adds CUDA's
-  same-dtype checks for the ops in `SAME_DTYPE_OPS`. Used by the bf16 training-step test and the memory
+  CPU autocast casts the matmuls; autocast kernels registered for the CPU (`cuda_rules_on_cpu`) apply
+  CUDA's rules where CPU autocast differs (`CUDA_FP32_OPS` run in fp32, `CUDA_LOWER_OPS` in the autocast
+  dtype). Real CPU kernels make their own dtype checks; fake kernels skip some, so `fake_tensors` adds
+  CUDA's same-dtype checks for the ops in `SAME_DTYPE_OPS`. Used by the bf16 training-step test and the memory
   planner (microdit/memory.py).
 
     with torch.device("meta"):
@@ -31,23 +31,22 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-# Ops of CUDA autocast's fp32 lists (aten/src/ATen/autocast_mode.cpp) that CPU autocast leaves in bf16,
-# as the Python functions and Tensor methods that reach them.
-CUDA_FP32_FUNCS = {
-    F.layer_norm, F.group_norm, F.softmax, F.log_softmax, F.mse_loss, F.l1_loss, F.softplus,
-    torch.softmax, torch.log_softmax, torch.Tensor.softmax, torch.Tensor.log_softmax,
-    torch.exp, torch.Tensor.exp, torch.log, torch.Tensor.log, torch.rsqrt, torch.Tensor.rsqrt,
-    torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.Tensor.__rpow__,
-    torch.sum, torch.Tensor.sum, torch.cumsum, torch.Tensor.cumsum, torch.logsumexp, torch.Tensor.logsumexp,
-}
+# Ops of CUDA autocast's fp32 lists (aten/src/ATen/autocast_mode.cpp) that CPU autocast does not run in
+# fp32: with a bf16 or fp16 input they run in fp32 (the "sum"-like ones only when no dtype is asked for).
+CUDA_FP32_OPS = (
+    "layer_norm", "native_layer_norm", "group_norm", "softmax.int", "log_softmax.int", "exp", "expm1", "log",
+    "log2", "log10", "log1p", "rsqrt", "reciprocal", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar",
+    "softplus", "erfinv", "acos", "asin", "cosh", "sinh", "tan", "logsumexp", "cumsum", "cumprod",
+    "sum", "sum.dim_IntList", "linalg_vector_norm", "cosine_similarity",
+)
 # Ops of CUDA autocast's lower-precision list that CPU autocast does not cast.
-CUDA_LOWER_FUNCS = {torch.einsum, torch.mv, torch.Tensor.mv, torch.addmv, torch.addr}
+CUDA_LOWER_OPS = ("einsum", "mv", "addmv", "addr", "chain_matmul", "linalg_multi_dot")
 # Ops whose CUDA kernels refuse inputs of different floating dtypes (fake kernels do not check).
 SAME_DTYPE_OPS = {"index_add", "index_add_", "index_copy", "index_copy_", "scatter_add", "scatter_add_"}
+_LOW = (torch.bfloat16, torch.float16)
 
 
 def _cast(args, kwargs, dtype, only_from):
@@ -58,23 +57,48 @@ def _cast(args, kwargs, dtype, only_from):
     return tree_map(f, args), tree_map(f, kwargs or {})
 
 
-class _CudaRulesOnCpu(TorchFunctionMode):
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self.dtype = dtype
+def _autocast_kernel(op, lower: bool):
+    def kernel(*args, **kwargs):
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)):
+            if lower:
+                args, kwargs = _cast(args, kwargs, torch.get_autocast_dtype("cpu"), (torch.float32,))
+            elif kwargs.get("dtype") is None:
+                args, kwargs = _cast(args, kwargs, torch.float32, _LOW)
+            return op(*args, **kwargs)
+    return kernel
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in CUDA_FP32_FUNCS and torch.is_autocast_enabled("cpu"):
-            args, kwargs = _cast(args, kwargs, torch.float32, (torch.bfloat16, torch.float16))
-        elif func in CUDA_LOWER_FUNCS and torch.is_autocast_enabled("cpu"):
-            args, kwargs = _cast(args, kwargs, self.dtype, (torch.float32,))
-        return func(*args, **(kwargs or {}))
+
+_registered: list = []       # [library, depth] while cuda_rules_on_cpu is entered
+
+
+@contextlib.contextmanager
+def cuda_rules_on_cpu():
+    """While entered, CPU autocast follows CUDA autocast for the ops where the two differ.
+
+    The rules are autocast kernels (dispatch key AutocastCPU), so they also hold in backward, e.g. when a
+    checkpointed block is recomputed under the autocast state saved in forward."""
+    if not _registered:
+        lib = torch.library.Library("aten", "IMPL")
+        for names, lower in ((CUDA_FP32_OPS, False), (CUDA_LOWER_OPS, True)):
+            for name in names:
+                base, _, overload = name.partition(".")
+                op = getattr(getattr(torch.ops.aten, base), overload or "default")
+                lib.impl(name, _autocast_kernel(op, lower), "AutocastCPU")
+        _registered.extend([lib, 0])
+    _registered[1] += 1
+    try:
+        yield
+    finally:
+        _registered[1] -= 1
+        if _registered[1] == 0:
+            _registered.pop()
+            _registered.pop()._destroy()
 
 
 @contextlib.contextmanager
 def cpu_autocast_like_cuda(dtype: torch.dtype = torch.bfloat16):
     """CPU autocast to `dtype` with CUDA's choices for the ops CPU autocast treats differently."""
-    with torch.autocast("cpu", dtype=dtype), _CudaRulesOnCpu(dtype):
+    with cuda_rules_on_cpu(), torch.autocast("cpu", dtype=dtype):
         yield
 
 

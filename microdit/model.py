@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,6 +363,9 @@ class MicroDiT(nn.Module):
         # Filled into dropped token positions of the output; a buffer (not learned), zero as released.
         self.register_buffer("mask_token", torch.zeros(1, 1, p * p * C))
         self.final_layer = FinalLayer(D, p * p * C, cfg.norm_eps)
+        # Activation checkpointing: keep only each block's inputs for backward and recompute the rest
+        # (a training option, not part of the model's layout; set by the training loop).
+        self.activation_checkpointing = False
         self.initialize_weights()
 
     # ---- conditioning ----
@@ -395,18 +399,23 @@ class MicroDiT(nn.Module):
             x = self.patch_mixer_map_xin(x)
             y_mixer = self.patch_mixer_map_y(y)
             for block in self.patch_mixer:
-                x = block(x, y_mixer, c)
+                x = self._block(block, x, y_mixer, c)
         if keep_ids is not None:
             x = gather_tokens(x, keep_ids)       # deferred masking: backbone sees only kept tokens
         if self.config.patch_mixer:
             x = self.patch_mixer_map_xout(x)
         for block in self.blocks:
-            x = block(x, y, c)
+            x = self._block(block, x, y, c)
         x = self.final_layer(x, c)
         if keep_ids is not None:
             full = self.mask_token.to(x.dtype).expand(n, T, x.shape[-1]).clone()
             x = full.scatter(1, keep_ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
         return self.unpatchify(x, h // self.patch_size, w // self.patch_size)
+
+    def _block(self, block: DiTBlock, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, y, c, use_reentrant=False)
+        return block(x, y, c)
 
     def check_inputs(self, x, t, y, mask_ratio: float, keep_ids) -> None:
         """Fail before any work, naming what was expected and what was given."""

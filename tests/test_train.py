@@ -120,6 +120,7 @@ def test_ema_follows_the_weights():
 def test_batch_split_reaches_the_global_batch():
     assert batch_split(TrainConfig(batch_size=2048, micro_batch_size=64), 8) == (64, 4)
     assert batch_split(TrainConfig(batch_size=64), 2) == (32, 1)
+    assert batch_split(TrainConfig(batch_size=2048, micro_batch_size=128), 32) == (64, 1)   # more GPUs than planned
     with pytest.raises(ValueError, match="micro_batch_size"):
         batch_split(TrainConfig(batch_size=64, micro_batch_size=24), 1)
 

@@ -41,7 +41,7 @@ class TrainConfig:
     # ---- optimisation ----
     steps: int = 1000                      # optimizer steps of this stage
     batch_size: int = 64                   # global batch (all ranks, after gradient accumulation)
-    micro_batch_size: int = 0              # per-rank forward batch (0 = batch_size / world size, no accumulation)
+    micro_batch_size: int = 0              # largest per-rank forward batch (0 = batch_size / world size, no accumulation)
     lr: float = 1e-3                       # peak learning rate (MoE experts and routers get lr * moe_lr_scale)
     moe_lr_scale: float = 0.5              # learning-rate factor of the expert and router parameters
     schedule: str = "cosine"               # "cosine" (warm-up, then cosine to final_lr_fraction) or "constant"
@@ -53,6 +53,7 @@ class TrainConfig:
     ema_decay: float = 0.0                 # EMA of the weights (0 = none); exported weights are the EMA when kept
     precision: str = "bf16"                # "bf16" autocast on CUDA; "fp32" everywhere (CPU always fp32)
     compile: bool = False                  # torch.compile the model (~15% on H100; no gain on a small CPU model)
+    activation_checkpointing: bool = False  # recompute each transformer block in backward (less memory, ~1/3 more compute)
     seed: int = 0                          # model init, data order, sigma/noise/mask draws, caption dropout
     # ---- distributed ----
     strategy: str = "ddp"                  # "ddp" or "fsdp" (SHARD_GRAD_OP, like the release) under torchrun / Ray
@@ -119,15 +120,20 @@ _PAPER_COMMON = dict(preset="MicroDiT_XL_2", batch_size=2048, betas=(0.9, 0.999)
 _LOW, _HIGH = dict(resolution=256, P_mean=-0.6, P_std=1.2, pos_interp_scale=1.0), \
     dict(resolution=512, P_mean=0.0, P_std=0.6, pos_interp_scale=2.0)
 
+# Per-GPU micro-batches (8 GPUs: 256 samples per GPU per step) chosen with the memory planner
+# (`python -m microdit.bench memory --recipe paper --gpu-memory 80`, docs/training.md): each stage's
+# estimate stays <= 72 GiB. The release used 256/64/32/16; stage 1 at 256 is estimated above 72 GiB, so it
+# accumulates 2 x 128 (cheaper than recomputing every block with activation checkpointing).
 PAPER_STAGES: list[TrainConfig] = [
     TrainConfig(name="stage1", **_PAPER_COMMON, **_LOW, mask_ratio=0.75, steps=250_000, lr=2.4e-4,
-                schedule="cosine", warmup_steps=2_500, final_lr_fraction=0.33, grad_clip=0.25),
+                schedule="cosine", warmup_steps=2_500, final_lr_fraction=0.33, grad_clip=0.25,
+                micro_batch_size=128),
     TrainConfig(name="stage2", **_PAPER_COMMON, **_LOW, mask_ratio=0.0, steps=30_000, lr=8e-5,
-                schedule="constant", grad_clip=0.25),
+                schedule="constant", grad_clip=0.25, micro_batch_size=64),
     TrainConfig(name="stage3", **_PAPER_COMMON, **_HIGH, mask_ratio=0.75, steps=50_000, lr=8e-5,
-                schedule="constant", warmup_steps=500, grad_clip=0.5, ema_decay=0.99975),
+                schedule="constant", warmup_steps=500, grad_clip=0.5, ema_decay=0.99975, micro_batch_size=32),
     TrainConfig(name="stage4", **_PAPER_COMMON, **_HIGH, mask_ratio=0.0, steps=5_000, lr=8e-5,
-                schedule="constant", grad_clip=0.5, ema_decay=0.9975),
+                schedule="constant", grad_clip=0.5, ema_decay=0.9975, micro_batch_size=16),
 ]
 
 # The same four stages at CPU scale: MicroDiT_Nano_2 on pixel:2 latents of 16 px then 32 px images

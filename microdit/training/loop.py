@@ -43,6 +43,7 @@ def build_model(cfg: TrainConfig, schema):
     model = create_model(cfg.preset, latent_res=latent_res, in_channels=schema.latent_channels,
                          caption_channels=schema.caption_dim, pos_interp_scale=cfg.pos_interp_scale,
                          **cfg.model_overrides)
+    model.activation_checkpointing = cfg.activation_checkpointing
     if cfg.init_from:
         from safetensors.torch import load_file
         path = Path(cfg.init_from)
@@ -62,7 +63,7 @@ def batch_split(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     per_rank, rem = divmod(cfg.batch_size, world_size)
     if rem:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {world_size}")
-    micro = cfg.micro_batch_size or per_rank
+    micro = min(cfg.micro_batch_size, per_rank) if cfg.micro_batch_size else per_rank   # an upper bound
     if per_rank % micro:
         raise ValueError(f"per-rank batch {per_rank} (batch_size / world size) is not a multiple of "
                          f"micro_batch_size {micro}")
