@@ -124,7 +124,7 @@ def measure_step(w: Workload, free_grads: bool = True, param_dtype: torch.dtype 
             x = torch.randn(w.micro_batch, w.latent_channels, lat, lat)
             y = torch.randn(w.micro_batch, w.caption_len, w.caption_channels)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=w.bf16):
-                loss = edm_loss(model, x, y, EDMConfig(), mask_ratio=w.mask_ratio)
+                loss = edm_loss(model, x, y, EDMConfig(), mask_ratio=w.mask_ratio, patch_size=model.patch_size)
             mem.mark("forward")
             loss.backward()
             del loss, x, y
@@ -234,7 +234,7 @@ def saved_activation_bytes(w: Workload, seed: int = 0) -> int:
     y = torch.randn(w.micro_batch, w.caption_len, w.caption_channels, generator=g)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with cpu_autocast_like_cuda(torch.bfloat16) if w.bf16 else contextlib.nullcontext():
-            loss = edm_loss(model, x, y, EDMConfig(), mask_ratio=w.mask_ratio)
+            loss = edm_loss(model, x, y, EDMConfig(), mask_ratio=w.mask_ratio, patch_size=model.patch_size)
     del loss, keep
     return sum(saved.values())
 

@@ -64,7 +64,7 @@ def test_bf16_moe_training_step_under_cuda_rules_matches_fp32():
         model.zero_grad(set_to_none=True)
         g = torch.Generator().manual_seed(3)
         with autocast:
-            loss = edm_loss(model, x, y, EDMConfig(), mask_ratio=0.5, generator=g)
+            loss = edm_loss(model, x, y, EDMConfig(), mask_ratio=0.5, generator=g, patch_size=2)
         loss.backward()
         return loss.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -91,6 +91,6 @@ def test_bf16_training_step_on_fake_tensors_runs_backward():
         model = to_fake(model, "cpu", torch.bfloat16)
         x, y = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
         with cpu_autocast_like_cuda(torch.bfloat16):
-            loss = edm_loss(model, x, y, EDMConfig(), mask_ratio=0.5)
+            loss = edm_loss(model, x, y, EDMConfig(), mask_ratio=0.5, patch_size=2)
         loss.backward()
         assert all(p.grad is not None for p in model.parameters())

@@ -56,7 +56,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     def step(on: bool):
         model.activation_checkpointing = on
         model.zero_grad(set_to_none=True)
-        loss = edm_loss(model, x, y, EDMConfig(), mask_ratio=0.5, generator=torch.Generator().manual_seed(1))
+        loss = edm_loss(model, x, y, EDMConfig(), mask_ratio=0.5, generator=torch.Generator().manual_seed(1),
+                        patch_size=2)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
