@@ -15,8 +15,8 @@ from microdit.evaluate.frechet import RandomConvFeatures, clean_resize, extract_
 #                                       FID vs clean-fid
 # --------------------------------------------------------------------------------------------
 
-def _random_images(rng, n, sizes):
-    return [Image.fromarray(rng.integers(0, 256, (*sizes[i % len(sizes)], 3), dtype=np.uint8)) for i in range(n)]
+def _random_images(rng, n, sizes, high=256):
+    return [Image.fromarray(rng.integers(0, high, (*sizes[i % len(sizes)], 3), dtype=np.uint8)) for i in range(n)]
 
 
 def test_clean_resize_equals_clean_fid_clean_resizer():
@@ -45,10 +45,10 @@ def test_fid_of_two_image_folders_equals_clean_fid(tmp_path):
     from cleanfid import fid as cleanfid
     rng = np.random.default_rng(2)
     folders = {}
-    for name, sizes in (("generated", [(64, 64)]), ("reference", [(80, 80), (64, 96)])):
+    for name, sizes, high in (("generated", [(64, 64)], 256), ("reference", [(80, 80), (64, 96)], 160)):
         folders[name] = tmp_path / name
         folders[name].mkdir()
-        for i, im in enumerate(_random_images(rng, 48, sizes)):
+        for i, im in enumerate(_random_images(rng, 48, sizes, high)):
             im.save(folders[name] / f"{i:06d}.png")
     features = RandomConvFeatures(dim=16, input_size=299, seed=0)
     theirs = cleanfid.compute_fid(str(folders["generated"]), str(folders["reference"]), mode="clean",
