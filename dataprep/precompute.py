@@ -158,7 +158,8 @@ def _converted_input(cfg: PrecomputeConfig, out: Path) -> tuple[Path, dict]:
     if is_converted(cfg.input):
         return Path(cfg.input), {}
     conv = convert(ConvertConfig(input=cfg.input, out=str(out / "_converted"), source=cfg.source,
-                                 min_size=cfg.min_size, short_side=cfg.short_side), progress=cfg.progress)
+                                 min_size=cfg.min_size, short_side=cfg.short_side, engine=cfg.engine,
+                                 address=cfg.address, num_cpus=cfg.num_cpus), progress=cfg.progress)
     return conv, dict(Manifest.read(conv).skipped)
 
 
