@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test bench lock clean
+.PHONY: setup demo test bench gpu-check lock clean
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
@@ -26,6 +26,9 @@ test: setup          ## every test but those that need a GPU
 
 bench: setup
 	$(BIN)/python -m microdit.bench
+
+gpu-check: setup     ## on one H100/H200 (<= 8 min): paper stages' steps, memory vs planner, MFU, checkpoint, VAE
+	$(BIN)/python -m microdit.gpu_check --out runs/gpu_check.json
 
 lock:                ## refresh requirements.lock from the current environment
 	$(BIN)/pip freeze --exclude-editable | grep -v '^dataclasses==' > requirements.lock.new && mv requirements.lock.new requirements.lock

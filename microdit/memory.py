@@ -16,7 +16,8 @@ Assumptions (FSDP2, `fully_shard` per transformer block and on the root, W ranks
   in fp32 after each block's backward (two blocks' fp32 buffers in flight) and the unsharded bf16
   gradients freed, also between accumulation micro-batches;
 - with `strategy="ddp"`: full fp32 parameters, gradients, AdamW moments and DDP's fp32 gradient buckets
-  on every rank, and autocast's bf16 weight copies (counted by the fake run);
+  on every rank, and autocast's bf16 weight copies (counted by the fake run); "single": the same on one
+  unwrapped GPU without the buckets (microdit.gpu_check);
 - `compile`: the eager graph is measured (inductor's partitioner saves no more than eager for this
   model; the GPU check compares). The CUDA context (~0.5 GiB) and allocator fragmentation are not counted:
   a stage fits when its estimate <= headroom x GPU memory (0.9 x 80 = 72 GiB).
@@ -148,8 +149,9 @@ def estimate(w: Workload, world_size: int = 8, strategy: str = "fsdp", ema: bool
         states = 16 * P / world_size + (4 * P / world_size if ema else 0)
         gathered = (2 if w.bf16 else 4) * (root + 2 * block) + 4 * 2 * block
         run = measure_step(w, free_grads=True)
-    else:
-        states = 4 * P + 8 * P + 4 * P + (4 * P if ema else 0)       # params, AdamW, DDP buckets, EMA
+    else:                                                           # "ddp", or "single" (one unwrapped GPU)
+        buckets = 4 * P if strategy == "ddp" else 0
+        states = 4 * P + 8 * P + buckets + (4 * P if ema else 0)     # params, AdamW, DDP buckets, EMA
         gathered = 0
         run = measure_step(w, free_grads=False, param_dtype=torch.float32)
     total = states + gathered + run["peak"]
