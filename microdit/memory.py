@@ -8,13 +8,14 @@ live tensors in one forward + backward of the real model on fake tensors (`LiveB
 allocated) under CUDA's bf16 autocast rules (microdit.cuda_rules), at the stage's per-rank micro-batch,
 mask ratio, resolution and activation checkpointing.
 
-Assumptions (FSDP2, `fully_shard` per transformer block and on the root, W ranks):
+Assumptions (FSDP2 as microdit.training.distributed sets it up: `fully_shard` on each backbone block
+with reshard_after_forward=False, the release's SHARD_GRAD_OP, and on the root; W ranks):
 - sharded fp32 parameters, fp32 gradients and AdamW's two fp32 moments: 16 bytes x P / W; an fp32 EMA
   copy where the stage keeps one, sharded like the parameters: 4 x P / W;
-- compute parameters are bf16 all-gathers: the root's parameters (embedders, final layer) for the whole
-  step and two blocks at a time (the running one and the prefetched one); gradients are reduce-scattered
-  in fp32 after each block's backward (two blocks' fp32 buffers in flight) and the unsharded bf16
-  gradients freed, also between accumulation micro-batches;
+- compute parameters are bf16 all-gathers that stay gathered from forward into backward: 2 x P at the
+  start of backward; gradients are reduce-scattered in fp32 after each block's backward (two blocks'
+  fp32 buffers in flight) and the unsharded bf16 gradients freed; with gradient accumulation the
+  micro-steps before the last skip that sync and FSDP2 keeps the unsharded gradients in fp32: 4 x P;
 - with `strategy="ddp"`: full fp32 parameters, gradients, AdamW moments and DDP's fp32 gradient buckets
   on every rank, and autocast's bf16 weight copies (counted by the fake run); "single": the same on one
   unwrapped GPU without the buckets (microdit.gpu_check);
@@ -142,12 +143,14 @@ def parameter_counts(w: Workload) -> tuple[int, int, int]:
     return total, max(sizes), total - sum(sizes)
 
 
-def estimate(w: Workload, world_size: int = 8, strategy: str = "fsdp", ema: bool = False) -> dict:
+def estimate(w: Workload, world_size: int = 8, strategy: str = "fsdp", ema: bool = False,
+             accumulation: int = 1) -> dict:
     """Estimated peak bytes per rank, split into its parts."""
     P, block, root = parameter_counts(w)
     if strategy == "fsdp":
         states = 16 * P / world_size + (4 * P / world_size if ema else 0)
-        gathered = (2 if w.bf16 else 4) * (root + 2 * block) + 4 * 2 * block
+        states += 4 * P if accumulation > 1 else 0                    # unsynced fp32 gradients between micro-steps
+        gathered = (2 if w.bf16 else 4) * P + 4 * 2 * block
         run = measure_step(w, free_grads=True)
     else:                                                           # "ddp", or "single" (one unwrapped GPU)
         buckets = 4 * P if strategy == "ddp" else 0
@@ -175,7 +178,7 @@ def plan(stages, world_size: int = 8, gpu_memory_gib: float = 80.0, headroom: fl
     rows = []
     for cfg in stages:
         w, accum = workload_of(cfg, world_size)
-        est = estimate(w, world_size, cfg.strategy, ema=cfg.ema_decay > 0)
+        est = estimate(w, world_size, cfg.strategy, ema=cfg.ema_decay > 0, accumulation=accum)
         rows.append({"stage": cfg.name, "resolution": cfg.resolution, "mask_ratio": cfg.mask_ratio,
                      "micro_batch": w.micro_batch, "accumulation": accum,
                      "activation_checkpointing": cfg.activation_checkpointing, "compile": cfg.compile,

@@ -94,3 +94,15 @@ def test_bf16_training_step_on_fake_tensors_runs_backward():
             loss = edm_loss(model, x, y, EDMConfig(), mask_ratio=0.5, patch_size=2)
         loss.backward()
         assert all(p.grad is not None for p in model.parameters())
+
+
+def test_xl_loss_forward_of_the_cuda_bench_runs_under_cuda_autocast():
+    """`python -m microdit.bench --device cuda`: XL, 256 px, mask 0.75, EDM loss under torch.autocast("cuda")."""
+    with torch.device("meta"):
+        model = create_model("MicroDiT_XL_2", latent_res=32, in_channels=4, caption_channels=1024)
+    with fake_cuda():
+        model = to_fake(model, "cuda")
+        x, y = torch.randn(2, 4, 32, 32), torch.randn(2, 77, 1024)
+        with cuda_autocast(torch.bfloat16):
+            loss = edm_loss(model, x, y, EDMConfig(), mask_ratio=0.75, patch_size=model.patch_size)
+        assert loss.device.type == "cuda" and loss.dtype == torch.float32 and loss.shape == ()
