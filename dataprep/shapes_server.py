@@ -6,7 +6,7 @@
         img2dataset.download(url_list=str(server.url_list), input_format="parquet", ...)
 
 The server binds 127.0.0.1 on an ephemeral port (port 0), renders every image once
-(`dataprep.shapes.generate_shapes`) as PNG into memory, and writes a URL list parquet with columns
+(`microdit.shapes.generate_shapes`) as PNG into memory, and writes a URL list parquet with columns
 `url`, `caption`, `sample_id` (stable: "shapes/<seed>-<index>") and `meta` (the ground truth as JSON).
 img2dataset keeps `sample_id` and `meta` with each image (`save_additional_columns`).
 For tests, `missing` (served as 404) and `corrupt` (served as garbage bytes) name indices to break.
@@ -51,7 +51,7 @@ class ShapesServer:
     def _render(self) -> tuple[dict, list[dict]]:
         from tqdm import tqdm
 
-        from .shapes import generate_shapes
+        from microdit.shapes import generate_shapes
         images, rows = {}, []
         gen = generate_shapes(self.n, resolution=self.resolution, seed=self.seed, tasks=self.tasks)
         for i, s in enumerate(tqdm(gen, total=self.n, desc="draw shapes", unit="img", leave=False)):

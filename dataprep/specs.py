@@ -80,8 +80,8 @@ SPECS: dict[str, DatasetSpec] = {s.name: s for s in [
         captions="coco-json", min_size=0,
         notes="FID-30K reference set: 30K captions sampled from val; first caption per image is kept"),
     DatasetSpec(
-        name="shapes", kind="synthetic", downloader="shapes", source="dataprep.shapes (served on loopback)",
-        homepage="dataprep/shapes.py", size=0, image_size=64, min_size=32,
+        name="shapes", kind="synthetic", downloader="shapes", source="microdit.shapes (served on loopback)",
+        homepage="microdit/shapes.py", size=0, image_size=64, min_size=32,
         notes="offline, seeded; coloured shapes with GenEval-style captions, ground truth in meta; fetched "
               "through img2dataset from a loopback HTTP server"),
 ]}

@@ -1,6 +1,6 @@
 """The pipeline's steps as plain functions (no Prefect): a profile in, finished asset folders out.
 
-Flows (flows/pipeline.py) wrap these in tasks. Each step writes into a folder named by the hash of
+Flows (flows/prefect_flows.py) wrap these in tasks. Each step writes into a folder named by the hash of
 its own config and of its inputs' folders (`runs/<run>/<step>/<name>-<hash>`), so a folder whose
 manifest.json exists is a finished asset made with exactly this config: re-running skips it, and a
 changed input or setting makes a new folder instead of silently reusing an old one.

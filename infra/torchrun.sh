@@ -6,7 +6,7 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 infra/torchrun.sh --recipe paper ...  # on node 0 of 2
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 infra/torchrun.sh --recipe paper ...  # on node 1 of 2
 #
-# Every argument goes to `python -m microdit.train` (see its --help). Re-running the same command after
+# Every argument goes to `python -m microdit.training` (see its --help). Re-running the same command after
 # a crash resumes each stage from its last checkpoint; finished stages are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,9 +29,9 @@ export NCCL_ASYNC_ERROR_HANDLING=1
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 
 if [ "$NNODES" = "1" ]; then
-  exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" -m microdit.train "$@"
+  exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" -m microdit.training "$@"
 else
   exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" \
     --nproc_per_node="$NPROC_PER_NODE" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
-    --rdzv_id="${RDZV_ID:-micro-budget}" -m microdit.train "$@"
+    --rdzv_id="${RDZV_ID:-micro-budget}" -m microdit.training "$@"
 fi

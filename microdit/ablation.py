@@ -34,7 +34,7 @@ def run_ablation(data, val_data: str, out, steps: int = 400, resolution: int = 1
     from .data import LatentSet, open_latent_sets
     from .edm import EDMConfig
     from .manifest import Manifest
-    from .train import train
+    from .training.loop import train
     from .training.config import CPU_STAGES
     from .training.validate import shapes_score, validation_loss
     schema = open_latent_sets(list(data), resolution)

@@ -11,7 +11,7 @@ is resumable (`loader.state_dict()` / `loader.load_state_dict()`, StreamingDataL
 is applied by the trainer with its own checkpointed generator (`caption_dropout`), so that it too
 replays exactly after a resume. Only the columns training needs are decoded (one resolution's latents,
 the caption embeddings, the id), local shards are read through a memory map, and a batch is cast to
-float32 once (`decode_only`, `collate_latents`); `python -m dataprep.bench` measures it.
+float32 once (`decode_only`, `collate_latents`); `python -m dataprep.data_bench` measures it.
 
 Streaming keeps file locks in $TMPDIR and shared memory in /dev/shm. `prepare_run_tmp` gives each run
 its own TMPDIR (cleared at start) and unlinks the shared memory a previous, killed run of the same

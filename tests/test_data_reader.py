@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from microdit.data import LatentSet, caption_dropout, latent_loader, open_latent_sets, prepare_run_tmp
-from microdit.training.synthetic import random_latent_set
+from dataprep.synthetic import random_latent_set
 
 
 @pytest.fixture(scope="module")

@@ -198,7 +198,7 @@ def test_fetch_retries_then_skips_finished_and_never_names_a_partial_file_finish
 
 def test_shapes_through_img2dataset_keeps_ground_truth(tmp_path, output_format="files"):
     from dataprep.download import download
-    from dataprep.shapes import generate_shapes
+    from microdit.shapes import generate_shapes
     n = 24
     raw = download("shapes", tmp_path / "raw", samples=n, resolution=32, output_format=output_format,
                    missing=[3], corrupt=[5])

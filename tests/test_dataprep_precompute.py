@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def shapes_converted(tmp_path, n, resolution=32):
     """n shapes images in img2dataset's files layout (no network step), converted."""
-    from dataprep.shapes import generate_shapes
+    from microdit.shapes import generate_shapes
     raw = tmp_path / "raw"
     for i, s in enumerate(generate_shapes(n, resolution=resolution, seed=1)):
         d = raw / f"{i // 100:05d}"

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from scipy import linalg
 
-from dataprep.shapes import generate_shapes
+from microdit.shapes import generate_shapes
 from microdit.encoders import MissingWeightsError
 from microdit.evaluate.frechet import (InceptionFeatures, RandomConvFeatures, clean_resize, extract_features,
                                        feature_stats, frechet_distance, load_feature_extractor)

@@ -95,7 +95,7 @@ def geneval_reference_summary(results_file) -> dict:
 
 
 def test_geneval_folders_are_in_the_benchmark_layout(tmp_path):
-    from microdit.evaluate.generate import generate_missing
+    from microdit.evaluate.images import generate_missing
     from microdit.evaluate.geneval import load_prompts
     from microdit.evaluate.run import _prompt_jobs
     prompts = load_prompts()[::50]

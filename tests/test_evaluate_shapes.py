@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataprep.shapes import (BACKGROUND, TASKS, all_prompts, draw_scene, generate_shapes, scene_for_prompt,
+from microdit.shapes import (BACKGROUND, TASKS, all_prompts, draw_scene, generate_shapes, scene_for_prompt,
                              shapes_prompts)
 from microdit.evaluate import shapes_check
 from microdit.evaluate.shapes_eval import evaluate_image, find_objects, score_images

@@ -61,7 +61,7 @@ def test_shapes_suite_cli_resumes_without_regenerating(checkpoint, tmp_path, cap
     # more prompts per task: folders whose prompt changed are regenerated, the others kept
     more = evaluate(checkpoint, ["shapes"], str(out), shapes_prompts_per_task=2, images_per_prompt=2,
                     shapes_real_images=64, **{**FAST, "guidance": 5.0})["suites"]["shapes"]
-    from dataprep.shapes import shapes_prompts
+    from microdit.shapes import shapes_prompts
     assert more["images"] == 24 and 12 <= more["generated_now"] < 24
     for i, p in enumerate(shapes_prompts(2, 0)):
         assert json.loads((out / "shapes" / f"{i:05d}" / "metadata.jsonl").read_text()) == p
@@ -167,7 +167,7 @@ def tiny_detector(tmp_path_factory):
 
 
 def test_detector_and_colour_classifier_on_stand_ins(tiny_detector):
-    from dataprep.shapes import generate_shapes
+    from microdit.shapes import generate_shapes
     det = Mask2FormerDetector(tiny_detector)
     found = {}
     for s in generate_shapes(4, 32, seed=0):

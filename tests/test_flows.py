@@ -52,7 +52,7 @@ def harness():
 
 @pytest.mark.slow
 def test_local_flow_end_to_end_rerun_and_budget(harness, tmp_path):
-    from flows.pipeline import full_flow, record_task, train_flow
+    from flows.prefect_flows import full_flow, record_task, train_flow
     root = tmp_path / "runs"
     s = full_flow(profile="local", overrides=TINY, run_name="t", root=str(root))
     db = Path(s["ledger"])

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from dataprep.shapes import (BACKGROUND, COLORS, PALETTE, SHAPES, TASKS, all_prompts, draw_scene, generate_shapes,
+from microdit.shapes import (BACKGROUND, COLORS, PALETTE, SHAPES, TASKS, all_prompts, draw_scene, generate_shapes,
                              scene_for_prompt, shapes_prompts)
 
 

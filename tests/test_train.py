@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from microdit.model import create_model
-from microdit.train import run_stages
+from microdit.training.stages import run_stages
 from microdit.training.loop import TrainingDiverged, batch_split, build_model, train
 from microdit.training import config as config_module
 from microdit.training.config import CPU_STAGES, PAPER_STAGES, TrainConfig
 from microdit.training.optim import EMA, lr_factor, make_optimizer
 from microdit.training.state import checkpoint_dirs
-from microdit.training.synthetic import random_latent_set
+from dataprep.synthetic import random_latent_set
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from microdit.ablation import format_table, run_ablation
 from microdit.data import LatentSet
 from microdit.model import create_model
-from microdit.training.synthetic import shapes_latent_set
+from dataprep.synthetic import shapes_latent_set
 from microdit.training.validate import validation_loss
 
 

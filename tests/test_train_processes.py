@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from microdit.training.config import TrainConfig
-from microdit.training.synthetic import random_latent_set
+from dataprep.synthetic import random_latent_set
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,10 +38,10 @@ def _losses(folder: Path) -> list[float]:
 
 def test_kill_9_then_rerun_resumes_with_identical_losses(tmp_path):
     ref_cfg, cfg = _config(tmp_path, "ref"), _config(tmp_path, "killed")
-    cmd = [sys.executable, "-m", "microdit.train", "--config"]
+    cmd = [sys.executable, "-m", "microdit.training", "--config"]
     import torch
 
-    from microdit.train import train
+    from microdit.training.stages import train
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                   # the same thread count as the subprocesses: same sums
     try:
@@ -74,7 +74,7 @@ def test_two_gloo_ranks_stay_identical(tmp_path):
     d.update(steps=6, checkpoint_every=3, micro_batch_size=2)        # 2 ranks x 2 micro-steps x 2 = 8
     cfg.write_text(json.dumps(d))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "microdit.train", "--config", str(cfg)], env=_env(), cwd=ROOT,
+                        "-m", "microdit.training", "--config", str(cfg)], env=_env(), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "ddp" / "final" / "manifest.json").read_text())

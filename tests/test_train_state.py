@@ -4,10 +4,10 @@ import pickle
 
 import pytest
 
-from microdit.train import train
+from microdit.training.stages import train
 from microdit.training.config import TrainConfig
 from microdit.training.state import UnsafeCheckpoint, checkpoint_dirs
-from microdit.training.synthetic import random_latent_set
+from dataprep.synthetic import random_latent_set
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ class EvalConfig:
     image_autoencoder: str | None = None     # override the checkpoint's image autoencoder name
     text_encoder: str | None = None          # override the checkpoint's text encoder name
     # --- shapes (exact evaluator + Fréchet distance in a weight-free feature space) ---
-    shapes_prompts_per_task: int = 25        # prompts per task, drawn by dataprep.shapes.shapes_prompts(seed)
+    shapes_prompts_per_task: int = 25        # prompts per task, drawn by microdit.shapes.shapes_prompts(seed)
     images_per_prompt: int = 4               # images per prompt (shapes and GenEval; the benchmark uses 4)
     shapes_real_images: int = 1000           # real shapes images for the Fréchet distance
     shapes_real_seed: int = 10_000           # seed of the real set (distinct from training seeds)

@@ -18,7 +18,7 @@ from pathlib import Path
 from microdit.manifest import CostMeter, Manifest, folder_bytes, write_json_atomic
 
 from .config import EvalConfig
-from .generate import ImageGenerator, Job, generate_missing, image_grid, load_images, seed_for
+from .images import ImageGenerator, Job, generate_missing, image_grid, load_images, seed_for
 
 SUITE_IDS = {"shapes": 1, "geneval": 2, "coco": 3}    # separate seed streams per suite
 GRID_IMAGES = 32
@@ -119,13 +119,13 @@ def _task_grids(out: Path, suite: str, images, results) -> list[str]:
 
 def real_shapes_images(n: int, resolution: int, seed: int):
     """The real side of the shapes FD: the source drawn directly at `resolution` (held-out seed)."""
-    from dataprep.shapes import generate_shapes
+    from microdit.shapes import generate_shapes
     for s in generate_shapes(n, resolution, seed):
         yield s.image
 
 
 def run_shapes(cfg: EvalConfig, gen: LazyGenerator, out: Path) -> dict:
-    from dataprep.shapes import shapes_prompts
+    from microdit.shapes import shapes_prompts
 
     from . import shapes_eval
     from .frechet import extract_features, feature_stats, frechet_distance, load_feature_extractor

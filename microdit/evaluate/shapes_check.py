@@ -2,7 +2,7 @@
 
     python -m microdit.evaluate.shapes_check --resolution 32 --n 600      # prints one row per corruption
 
-Images of `dataprep.shapes` that a person still reads correctly after a mild corruption must be
+Images of `microdit.shapes` that a person still reads correctly after a mild corruption must be
 accepted, and the same images checked against a wrong prompt of the same task must be rejected:
 - blur: Gaussian, sigma 0.6 px;  noise: Gaussian, sigma 12/255 per channel;  jpeg: quality 70 (PIL's
   default 4:2:0 chroma subsampling);  jitter: every pixel on an object's outline takes the value of a
@@ -22,7 +22,7 @@ import random
 import numpy as np
 from PIL import Image, ImageFilter
 
-from dataprep.shapes import all_prompts, generate_shapes
+from microdit.shapes import all_prompts, generate_shapes
 
 from .rules import Detection, check_image, summarize
 from .shapes_eval import evaluate_image

@@ -1,4 +1,4 @@
-"""Shapes evaluator for the synthetic shapes domain (`dataprep.shapes`): GenEval's rules, a template detector.
+"""Shapes evaluator for the synthetic shapes domain (`microdit.shapes`): GenEval's rules, a template detector.
 
 The drawing rules are known (flat palette colours on a plain background, objects that never touch), so
 objects are read off the pixels, and each one is recognised the way a detector would: as the class whose
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from dataprep.shapes import BACKGROUND, COLORS, PALETTE, SHAPES, shape_coverage
+from microdit.shapes import BACKGROUND, COLORS, PALETTE, SHAPES, shape_coverage
 
 from .rules import Detection, check_image, keep_detections, summarize
 

@@ -1,10 +1,10 @@
 """Data-parallel training on existing engines: torchrun (DDP or FSDP) on one or many nodes, or Ray Train.
 
     # one node, 8 GPUs (FSDP SHARD_GRAD_OP, like the release):
-    torchrun --standalone --nproc_per_node=8 -m microdit.train --recipe paper --stage 1 --data ...
+    torchrun --standalone --nproc_per_node=8 -m microdit.training --recipe paper --stage 1 --data ...
     # several nodes (run on each node, same rendezvous endpoint):
-    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500 -m microdit.train ...
-    # on the Ray cluster precompute uses: python -m microdit.train ... --ray-workers 32 --ray-gpu
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500 -m microdit.training ...
+    # on the Ray cluster precompute uses: python -m microdit.training ... --ray-workers 32 --ray-gpu
 
 `setup` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts the process group
 (nccl on GPUs, gloo on CPUs) unless a launcher (Ray Train) already did.

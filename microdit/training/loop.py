@@ -1,7 +1,7 @@
 """One training stage, from set-up to its final folder: `train(cfg)` runs a `StageRun`.
 
     from microdit.training.loop import train
-    train(TrainConfig.load("stage.json"))          # or: python -m microdit.train --config stage.json
+    train(TrainConfig.load("stage.json"))          # or: python -m microdit.training --config stage.json
 
 `StageRun` names each part of a stage: `setup` (model, optimizer, data), `resume` (from the last
 checkpoint), `train_step` (accumulated forward/backward, `optimizer_step`, `update_ema`),

@@ -46,7 +46,7 @@ def validation_loss(model, dataset, sigmas=DEFAULT_SIGMAS, num_samples: int = 25
 def shapes_score(model, text_encoder: str, image_autoencoder: str, latent_shape, n_per_task: int = 8,
                  seed: int = 0, num_steps: int = 20, guidance_scale: float = 5.0, edm: EDMConfig | None = None,
                  batch_size: int = 48, save_grid=None) -> dict | None:
-    """GenEval-style shapes score of `model` on held-out `dataprep.shapes` prompts (6 tasks x n_per_task),
+    """GenEval-style shapes score of `model` on held-out `microdit.shapes` prompts (6 tasks x n_per_task),
     judged by `microdit.evaluate.shapes_eval`; None when that evaluator is not installed."""
     try:
         from microdit.evaluate.shapes_eval import score_images
@@ -54,7 +54,7 @@ def shapes_score(model, text_encoder: str, image_autoencoder: str, latent_shape,
         return None
     from PIL import Image
 
-    from dataprep.shapes import shapes_prompts
+    from microdit.shapes import shapes_prompts
 
     from ..edm import heun_sampler
     from ..encoders import load_image_autoencoder, load_text_encoder

@@ -1,9 +1,9 @@
 """Small latent sets written in the shared schema: for tests and for the CPU demo before precompute exists.
 
-    python -m microdit.training.synthetic --out data/shapes-latents --n 20000      # shapes, 16 + 32 px
+    python -m dataprep.synthetic --out data/shapes-latents --n 20000      # shapes, 16 + 32 px
 
 `write_latent_set` is the plain MDSWriter path (columns from LatentSchema, samples through
-`schema.encode_sample`); `shapes_latent_set` renders `dataprep.shapes` images and encodes them with
+`schema.encode_sample`); `shapes_latent_set` renders `microdit.shapes` images and encodes them with
 the `pixel:2` autoencoder and the `tiny-clip:16` text encoder, at every resolution of the schema.
 The production path is `python -m dataprep.precompute`, which writes the same schema.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..manifest import CostMeter, Manifest, folder_bytes
-from ..schema import LatentSchema
+from microdit.manifest import CostMeter, Manifest, folder_bytes
+from microdit.schema import LatentSchema
 
 
 def write_latent_set(folder, schema: LatentSchema, samples, name: str = "latents", parents=None) -> Path:
@@ -67,9 +67,9 @@ def shapes_latent_set(folder, n: int, resolutions=(16, 32), seed: int = 0, image
     from PIL import Image
     from tqdm import tqdm
 
-    from dataprep.shapes import generate_shapes
+    from microdit.shapes import generate_shapes
 
-    from ..encoders import load_image_autoencoder, load_text_encoder
+    from microdit.encoders import load_image_autoencoder, load_text_encoder
     ae, te = load_image_autoencoder(image_autoencoder), load_text_encoder(text_encoder)
     schema = LatentSchema(resolutions=tuple(resolutions), latent_channels=ae.latent_channels,
                           downsample=ae.downsample, caption_len=te.max_length, caption_dim=te.dim,

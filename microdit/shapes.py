@@ -1,6 +1,6 @@
 """Offline synthetic source: coloured shapes with GenEval-style compositional captions.
 
-    python -m dataprep.shapes --n 12 --resolution 64 --out /tmp/shapes_preview   # writes PNG + caption + meta
+    python -m microdit.shapes --n 12 --resolution 64 --out /tmp/shapes_preview   # writes PNG + caption + meta
 
 Every sample is a plain background with a few large, flat-coloured shapes (circle, square, triangle) in
 a small palette of well-separated colours, drawn without anti-aliasing, and a caption in one of GenEval's

@@ -1,8 +1,8 @@
 """Benchmark of the data path: precompute scaling over Ray CPU workers, and MDS read speed vs training.
 
-    python -m dataprep.bench                      # ~2-3 minutes on 2 cores; prints ratios
-    python -m dataprep.bench --samples 2000 --encoder tiny-kl
-    python -m dataprep.bench convert              # convert on Ray Data: 2 workers / 1 worker, ~2 minutes
+    python -m dataprep.data_bench                      # ~2-3 minutes on 2 cores; prints ratios
+    python -m dataprep.data_bench --samples 2000 --encoder tiny-kl
+    python -m dataprep.data_bench convert              # convert on Ray Data: 2 workers / 1 worker, ~2 minutes
 
 1. Precompute throughput (samples/s) of the embedded default (shapes 64 px -> 16 and 32 px, pixel:2,
    tiny-clip:16) with 1 and with 2 Ray CPU actors (1 torch thread each) in one Ray session, side by
@@ -32,7 +32,7 @@ TRAIN_SAMPLES_PER_S = 64 / 0.19          # CPU preset: batch 64 at ~0.19 s a ste
 
 def make_shapes_set(root: Path, n: int, resolution: int = 64) -> Path:
     from .convert import ConvertConfig, convert
-    from .shapes import generate_shapes
+    from microdit.shapes import generate_shapes
     raw = root / "raw"
     for i, s in enumerate(generate_shapes(n, resolution=resolution, seed=0)):
         d = raw / f"{i // 1000:05d}"

@@ -1,12 +1,12 @@
 r"""Train MicroDiT: the paper's four-stage masked recipe, or the same four stages scaled down for a CPU.
 
     # the whole CPU recipe (MicroDiT_Nano_2, 16 px then 32 px, a few minutes on 2 cores):
-    python -m microdit.train --recipe cpu --data data/shapes-latents --val-data data/shapes-val --out runs/cpu
+    python -m microdit.training --recipe cpu --data data/shapes-latents --val-data data/shapes-val --out runs/cpu
     # the paper's recipe on one 8-GPU node (FSDP SHARD_GRAD_OP, bf16):
-    torchrun --standalone --nproc_per_node=8 -m microdit.train --recipe paper --data /data/sa1b /data/cc12m \
+    torchrun --standalone --nproc_per_node=8 -m microdit.training --recipe paper --data /data/sa1b /data/cc12m \
         --proportions 0.5 0.5 --out runs/paper
     # one stage from a JSON TrainConfig, with overrides:
-    python -m microdit.train --config stage.json --set steps=500 lr=1e-3
+    python -m microdit.training --config stage.json --set steps=500 lr=1e-3
 
 Run the same command again after a crash or a kill: finished stages are skipped and the running one
 resumes from its last checkpoint (on CPU every later step's loss equals the uninterrupted run's).
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .manifest import read_manifest
-from .training.config import STAGES, TrainConfig, stage_configs
-from .training.loop import TrainingDiverged, train
+from ..manifest import read_manifest
+from .config import STAGES, TrainConfig, stage_configs
+from .loop import TrainingDiverged, train
 
 __all__ = ["TrainConfig", "STAGES", "train", "run_stages", "stage_summary", "ray_train", "TrainingDiverged"]
 
@@ -93,7 +93,7 @@ def _parse_value(v: str):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m microdit.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m microdit.training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=sorted(STAGES), help="the four-stage recipe: paper or cpu")
     p.add_argument("--stages", type=int, nargs="+", help="which stages of the recipe (1-4; default all)")
@@ -143,7 +143,7 @@ def main(argv=None) -> None:
     else:
         p.error("give --recipe or --config")
     if a.ray_workers:
-        from .ray_cluster import ray_session
+        from ..ray_cluster import ray_session
         with ray_session(address=os.environ.get("RAY_ADDRESS", "auto")):    # token auth: docs/security.md
             prev = ""
             for cfg in stages:
@@ -155,7 +155,3 @@ def main(argv=None) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         for row in stage_summary(finals):
             print(json.dumps(row))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
 """Prefect flows: download -> precompute -> four training stages -> evaluation, costed in the ledger.
 
     prefect deployment run micro-budget/full                      # through a work pool (prefect.yaml)
-    python -m flows.pipeline --profile local                      # the same flow in this process
-    python -m flows.pipeline --profile local --flow train --budget-usd 0.0005
+    python -m flows.prefect_flows --profile local                      # the same flow in this process
+    python -m flows.prefect_flows --profile local --flow train --budget-usd 0.0005
 
 Flows only orchestrate: every step is a plain function in flows/steps.py that calls dataprep/microdit.
 Finished assets (a folder with manifest.json, named by the hash of its config) are skipped, so a re-run
@@ -206,7 +206,7 @@ FLOWS = {"full": full_flow, "data": data_flow, "precompute": precompute_flow, "t
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m flows.prefect_flows", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--flow", choices=sorted(FLOWS), default="full", help="which flow (default %(default)s)")
     ap.add_argument("--profile", default="local", help="local | subset | paper (flows/profiles.py)")
