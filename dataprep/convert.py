@@ -164,7 +164,8 @@ class UnitConverter:
             tmp = self.out / UNITS_DIR / f"part-{unit.name}.parquet.tmp-{os.getpid()}"
             pq.write_table(pa.Table.from_pylist(rows, schema=CONVERTED_SCHEMA), tmp)
             os.replace(tmp, self.out / f"part-{unit.name}.parquet")
-        info = {"name": unit.name, "kept": len(rows), "skipped": skipped, "examples": examples, "skipped_ids": skipped_ids,
+        info = {"name": unit.name, "kept": len(rows), "skipped": skipped, "examples": examples,
+                "skipped_ids": skipped_ids,
                 "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0, "pid": os.getpid(),
                 "finished_at": time.time()}
         write_json_atomic(marker, info)                        # the unit is finished once this exists

@@ -1,13 +1,16 @@
 """Download a data set (whole or a subset) into a raw set folder with a manifest.
 
     python -m dataprep.download shapes --out data/shapes-raw --samples 4000 --resolution 64   # offline
-    python -m dataprep.download cc12m --out data/cc12m-raw --fraction 0.01 --processes 8
+    python -m dataprep.download cc12m --out data/cc12m-raw --fraction 0.01 --processes 8 --threads 64
     python -m dataprep.download journeydb --out data/jdb-raw --samples 50000
     python -m dataprep.download sa1b --out data/sa1b-raw --fraction 0.01 --links-file sa1b_links.txt
     python -m dataprep.download --list
 
-URL-list sets (cc12m, and shapes served on loopback) go through img2dataset (layout `files` or
-`webdataset`); archive sets (sa1b, coco2014-val: plain HTTP; journeydb, diffusiondb: Hugging Face files)
+URL-list sets (cc12m, and shapes served on loopback) go through img2dataset, sized by the caller
+(`--processes`, `--threads`; layout `--output-format`: `parquet` or `webdataset` for real URL sets, whose
+shards are convert's work units; `files` for small local sets), which also drops images whose short side
+is under `--min-image-size` before they are resized or written; archive sets (sa1b, coco2014-val: plain
+HTTP; journeydb, diffusiondb: Hugging Face files)
 through `dataprep.fetch`, then an `index.parquet` of local image paths and captions is written.
 Re-running the same command skips what is finished (img2dataset shards, archives, extracted folders).
 The folder gets `manifest.json` (kind "raw") last, so a folder without one is unfinished.
@@ -19,6 +22,7 @@ import json
 import os
 from pathlib import Path
 
+from microdit.cli import UserError
 from microdit.manifest import CostMeter, Manifest, folder_bytes, read_manifest
 
 from .specs import DatasetSpec, get_spec, subset_count, table
@@ -27,10 +31,11 @@ INPUT_DIR = "_input"          # URL lists and archives live here, beside the dow
 
 
 def download(dataset: str, out_dir: str | os.PathLike, samples: int | None = None, fraction: float | None = None,
-             resolution: int | None = None, output_format: str = "files", processes: int = 1, threads: int = 32,
-             seed: int = 0, links_file: str | None = None, url_list: str | None = None, retries: int = 2,
+             resolution: int | None = None, output_format: str | None = None, processes: int = 1,
+             threads: int = 32, seed: int = 0, links_file: str | None = None, url_list: str | None = None,
+             retries: int = 2,
              keep_archives: bool = False, missing=(), corrupt=(), concurrency: int = 4,
-             allow_file_urls: bool = False, retry_delay: float = 2.0) -> Path:
+             allow_file_urls: bool = False, retry_delay: float = 2.0, min_image_size: int | None = None) -> Path:
     """Fetch `dataset` (a name in dataprep.specs.SPECS) into `out_dir`; returns the folder (with manifest.json).
 
     samples / fraction: a subset (the first rows of the URL list, or the first archives).
@@ -40,10 +45,19 @@ def download(dataset: str, out_dir: str | os.PathLike, samples: int | None = Non
     retries: the one retry layer of a download: per URL in img2dataset, per file (with Range resume) in
     dataprep.fetch, `retry_delay` seconds doubling between tries. concurrency: archives fetched at once.
     allow_file_urls: accept file:// links in a links file (off: only http(s)).
+    processes / threads / output_format: img2dataset's size and layout. min_image_size: img2dataset drops
+    images with a shorter short side (None: the spec's min_size; archive sets are filtered by convert).
     """
     spec, out = get_spec(dataset), Path(out_dir)
+    output_format = output_format or ("files" if spec.downloader == "shapes" else "parquet")
+    min_image_size = spec.min_size if min_image_size is None else int(min_image_size)
+    if min(processes, threads) < 1 or min_image_size < 0:
+        raise UserError(f"--processes {processes}, --threads {threads}, --min-image-size {min_image_size}: "
+                        "give at least 1 process and 1 thread, and a size >= 0")
     config = {"dataset": dataset, "samples": samples, "fraction": fraction, "resolution": resolution,
               "output_format": output_format, "seed": seed, "spec": spec.to_dict()}
+    if spec.downloader in ("img2dataset", "shapes"):
+        config["min_image_size"] = min_image_size
     done = read_manifest(out)
     if done is not None:
         if json.loads(json.dumps(done.config, default=str)) == json.loads(json.dumps(config, default=str)):
@@ -63,12 +77,13 @@ def download(dataset: str, out_dir: str | os.PathLike, samples: int | None = Non
             with ShapesServer(n, res, seed, out / INPUT_DIR, missing=missing, corrupt=corrupt) as server:
                 stats = run_img2dataset(server.url_list, out, spec, image_size=res, output_format=output_format,
                                         processes=processes, threads=threads, retries=retries,
-                                        extra_columns=["sample_id", "meta"], resize_mode="no", encode_format="png")
+                                        min_image_size=min_image_size, extra_columns=["sample_id", "meta"],
+                                        resize_mode="no", encode_format="png")
         elif spec.downloader == "img2dataset":
             listing = subset_url_list(spec, out / INPUT_DIR, samples, fraction, url_list)
             stats = run_img2dataset(listing, out, spec, image_size=resolution or spec.image_size,
                                     output_format=output_format, processes=processes, threads=threads,
-                                    retries=retries)
+                                    retries=retries, min_image_size=min_image_size)
         elif spec.downloader in ("files", "hf_files"):
             from .archives import download_archives
             stats = download_archives(spec, out, samples, fraction, links_file, keep_archives, retries,
@@ -124,7 +139,8 @@ def subset_url_list(spec: DatasetSpec, folder: Path, samples, fraction, url_list
 
 
 def run_img2dataset(url_list: Path, out: Path, spec: DatasetSpec, image_size: int, output_format: str = "files",
-                    processes: int = 1, threads: int = 32, retries: int = 2, extra_columns=None,
+                    processes: int = 1, threads: int = 32, retries: int = 2, min_image_size: int = 0,
+                    extra_columns=None,
                     resize_mode: str = "keep_ratio", encode_format: str = "jpg", shard_size: int = 10_000) -> dict:
     """Run img2dataset over a parquet URL list (incremental: finished shards are skipped on a rerun).
 
@@ -142,6 +158,7 @@ def run_img2dataset(url_list: Path, out: Path, spec: DatasetSpec, image_size: in
         resize_only_if_bigger=True, encode_format=encode_format, encode_quality=95 if encode_format == "jpg" else 9,
         processes_count=processes, thread_count=threads, number_sample_per_shard=shard_size,
         save_additional_columns=extra_columns, retries=retries, timeout=20, enable_wandb=False,
+        min_image_size=min_image_size,
         incremental_mode="incremental", distributor="multiprocessing", compute_hash=None)
     return img2dataset_stats(out)
 
@@ -172,10 +189,12 @@ def main(argv=None) -> None:
     g.add_argument("--samples", type=int, help="take the first N samples (or the archives that hold them)")
     g.add_argument("--fraction", type=float, help="take this fraction of the set (0-1]")
     p.add_argument("--resolution", type=int, help="shapes: drawn size; others: short-side cap on download")
-    p.add_argument("--output-format", default="files", choices=["files", "webdataset", "parquet"],
-                   help="img2dataset output layout")
-    p.add_argument("--processes", type=int, default=1, help="img2dataset processes")
+    p.add_argument("--output-format", choices=["files", "webdataset", "parquet"],
+                   help="img2dataset output layout (default: parquet; files for shapes)")
+    p.add_argument("--processes", type=int, default=1, help="img2dataset processes (about one per core)")
     p.add_argument("--threads", type=int, default=32, help="img2dataset download threads per process")
+    p.add_argument("--min-image-size", type=int, help="img2dataset drops images with a shorter short side "
+                   "(default: the set's min size from dataprep/specs.py)")
     p.add_argument("--seed", type=int, default=0, help="shapes: scene seed")
     p.add_argument("--links-file", help="sa1b: the links file from the SA-1B download page")
     p.add_argument("--url-list", help="a local copy of the set's URL list")
@@ -192,7 +211,7 @@ def main(argv=None) -> None:
         p.error("--out is required")
     path = download(a.dataset, a.out, a.samples, a.fraction, a.resolution, a.output_format, a.processes,
                     a.threads, a.seed, a.links_file, a.url_list, retries=a.retries, keep_archives=a.keep_archives,
-                    concurrency=a.concurrency, allow_file_urls=a.allow_file_urls)
+                    concurrency=a.concurrency, allow_file_urls=a.allow_file_urls, min_image_size=a.min_image_size)
     m = Manifest.read(path)
     print(f"{path}: {m.samples} samples, skipped {m.skipped or 'none'}, {m.bytes / 1e6:.1f} MB, "
           f"{m.wall_seconds:.1f} s")

@@ -44,11 +44,14 @@ def run_root(root: str | os.PathLike, run_name: str, profile: Profile) -> Path:
 def download_step(profile: Profile, source: DataSource, run: Path) -> tuple[Path, bool]:
     """One raw set (dataprep.download). Returns (folder, skipped)."""
     from dataprep.download import download
-    cfg = {"dataset": source.dataset, "samples": source.samples, "fraction": source.fraction}
+    cfg = {"dataset": source.dataset, "samples": source.samples, "fraction": source.fraction,
+           "output_format": profile.download_format, "min_image_size": profile.min_image_size}
     out = asset_folder(run / "raw", source.dataset, cfg)
     if finished(out):
         return out, True
     return Path(download(source.dataset, out, samples=source.samples, fraction=source.fraction,
+                         output_format=profile.download_format, processes=profile.download_processes,
+                         threads=profile.download_threads, min_image_size=profile.min_image_size,
                          retries=profile.download_retries, retry_delay=profile.retry_delay,
                          concurrency=profile.download_concurrency)), False
 

@@ -274,3 +274,53 @@ def test_cli_refuses_a_crafted_links_file_with_one_line(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "links.txt line 2: file_name '../../victim/important.tar' is not a plain file name" in r.stderr
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.tar"))
+
+
+# ------------------------------------------------------------------------------------------------
+#                                 img2dataset sized by the caller
+# ------------------------------------------------------------------------------------------------
+
+def png_bytes(w, h):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (w % 256, h % 256, 90)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_url_set_as_parquet_with_min_image_size_applied_by_img2dataset(server, tmp_path):
+    from dataprep.download import _no_proxy_for_loopback, download
+    from dataprep.readers import detect_layout
+    from microdit.manifest import Manifest
+    _no_proxy_for_loopback()
+    sizes = {"a.png": (32, 32), "b.png": (48, 48), "c.png": (64, 40), "d.png": (39, 80)}
+    for name, (w, h) in sizes.items():
+        server.files[name] = png_bytes(w, h)
+    tsv = tmp_path / "list.tsv"
+    tsv.write_text("".join(f"{server.base}/{n}\tpicture {n}\n" for n in sizes))
+    raw = download("cc12m", tmp_path / "raw", samples=4, resolution=64, output_format="parquet", processes=2,
+                   threads=4, url_list=str(tsv), min_image_size=40)
+    m = Manifest.read(raw)
+    assert detect_layout(raw) == "parquet" and m.config["min_image_size"] == 40
+    assert m.samples == 2 and sum(m.skipped.values()) == 2                 # a (32) and d (39) never written
+    assert all("small" in reason for reason in m.skipped), m.skipped
+    served = {p for p, _ in server.requests}
+    assert served == set(sizes)                                             # fetched once, filtered on arrival
+    rows = pq.read_table(sorted(raw.glob("*.parquet"))[0]).to_pylist()
+    kept = sorted(Image.open(io.BytesIO(r["jpg"])).size for r in rows if r["status"] == "success")
+    assert kept == [(48, 48), (64, 40)]
+
+
+def test_profile_sizes_the_download_step(tmp_path):
+    from flows.profiles import get_profile
+    from flows.steps import download_step
+    from dataprep.readers import detect_layout
+    from microdit.manifest import Manifest
+    p = get_profile("local", {"datasets": [{"dataset": "shapes", "samples": 6}], "download_format": "parquet",
+                              "download_threads": 2, "min_image_size": 40})
+    raw, _ = download_step(p, p.datasets[0], tmp_path)
+    m = Manifest.read(raw)
+    assert detect_layout(raw) == "parquet" and m.samples == 6               # 64 px shapes >= 40
+    assert get_profile("paper").download_format in ("parquet", "webdataset")
+    too_big = get_profile("local", {"datasets": [{"dataset": "shapes", "samples": 6}], "min_image_size": 65})
+    raw, _ = download_step(too_big, too_big.datasets[0], tmp_path)
+    assert Manifest.read(raw).samples == 0                                  # every 64 px image under 65
