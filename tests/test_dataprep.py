@@ -288,7 +288,7 @@ def test_url_list_set_subset_through_img2dataset_webdataset(tmp_path):
         tsv = tmp_path / "cc12m.tsv"
         tsv.write_text("".join(f"{r['url']}\t{r['caption']}\n" for r in listing))
         raw = download("cc12m", tmp_path / "raw", samples=8, resolution=32, output_format="webdataset",
-                       url_list=str(tsv))
+                       url_list=str(tsv), min_image_size=16)
     m = Manifest.read(raw)
     assert m.samples == 7 and sum(m.skipped.values()) == 1                   # 8 taken, #2 is a 404
     assert detect_layout(raw) == "webdataset"
