@@ -2,7 +2,7 @@ r"""Train MicroDiT: the paper's four-stage masked recipe, or the same four stage
 
     # the whole CPU recipe (MicroDiT_Nano_2, 16 px then 32 px, a few minutes on 2 cores):
     python -m microdit.training --recipe cpu --data data/shapes-latents --val-data data/shapes-val --out runs/cpu
-    # the paper's recipe on one 8-GPU node (FSDP SHARD_GRAD_OP, bf16):
+    # the paper's recipe on one 8-GPU node (FSDP2, bf16):
     torchrun --standalone --nproc_per_node=8 -m microdit.training --recipe paper --data /data/sa1b /data/cc12m \
         --proportions 0.5 0.5 --out runs/paper
     # one stage from a JSON TrainConfig, with overrides:
@@ -48,9 +48,22 @@ def run_stages(stages: list[TrainConfig], should_stop=None) -> list[Path]:
     return finals
 
 
+def absolute_paths(cfg_dict: dict) -> dict:
+    """The config with its folders made absolute against this process's working directory: Ray Train
+    workers run elsewhere (in Ray's session folder), where a relative path means something else."""
+    d = dict(cfg_dict)
+    for key in ("out_dir", "val_data", "init_from"):
+        if d.get(key):
+            d[key] = os.path.abspath(d[key])
+    d["data"] = [os.path.abspath(f) for f in d.get("data", [])]
+    return d
+
+
 def ray_train(cfg_dict: dict, num_workers: int, use_gpu: bool, storage_path: str | None = None):
     """Run `train` on `num_workers` Ray Train workers (one per GPU) of a running Ray cluster (joined
-    with `microdit.ray_cluster.ray_session`); Ray Train starts the torch process group itself."""
+    with `microdit.ray_cluster.ray_session`); Ray Train starts the torch process group itself.
+    Relative folders in the config mean this process's working directory."""
+    cfg_dict = absolute_paths(cfg_dict)
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
