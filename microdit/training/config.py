@@ -56,7 +56,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each transformer block in backward (less memory, ~1/3 more compute)
     seed: int = 0                          # model init, data order, sigma/noise/mask draws, caption dropout
     # ---- distributed ----
-    strategy: str = "ddp"                  # "ddp" or "fsdp" (SHARD_GRAD_OP, like the release) under torchrun / Ray
+    strategy: str = "ddp"                  # "ddp" or "fsdp" (FSDP2; parameters whole between forward and backward)
     # ---- outputs ----
     out_dir: str = "runs/stage"            # checkpoints/, final/, tensorboard/, samples/, metrics.jsonl
     checkpoint_every: int = 100            # steps between resumable checkpoints (0 = only the final one)

@@ -7,7 +7,7 @@
 checkpoint), `train_step` (accumulated forward/backward, `optimizer_step`, `update_ema`),
 `save_checkpoint`, `save_samples` and `finish` (validation, final folder and manifest). The seams a
 different engine plugs into are `wrap_model`, `optimizer_step`, `update_ema`, `exported_state`,
-`full_state` / `load_full_state` (what a checkpoint holds) and `export` (the loadable weights).
+`sharded_state` / `load_sharded_state` (what a checkpoint holds) and `export` (the loadable weights).
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ from ..manifest import CostMeter, Manifest, folder_bytes, read_manifest
 from . import distributed as dist_utils
 from .config import TrainConfig
 from .optim import EMA, make_optimizer, make_scheduler
-from .state import (CONFIG_NAME, clean_partial, latest_checkpoint, load_latest, rng_state, save_resumable,
-                    set_rng_state, truncate_metrics, write_folder_atomically)
+from .sharded import CheckpointWriter, load_latest, load_train_tensors, train_tensors
+from .state import (CONFIG_NAME, clean_partial, latest_checkpoint, rng_state, set_rng_state, slot_generators,
+                    truncate_metrics, write_folder_atomically)
 
 
 class TrainingDiverged(RuntimeError):
@@ -134,26 +135,26 @@ class StageRun:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.schema).to(ctx.device)
         moe_names = set(self.model.moe_parameter_names())
-        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.val_set = LatentSet(cfg.val_data, cfg.resolution) if cfg.val_data else None
         val_start = None
         if self.val_set is not None and latest_checkpoint(self.out) is None and ctx.is_main:
             val_start = validation_loss(self.model, self.val_set, edm=self.edm)    # the starting weights
         self.prior = {"wall": 0.0, "cpu": 0.0, "val_start": val_start}           # carried over resumes
         self.wrapped = self.wrap_model()
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None        # where the parameters live
         self.optimizer = make_optimizer(self.wrapped, cfg, moe_names)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.micro, self.accum = batch_split(cfg, ctx.world_size)
         self.loader = latent_loader(cfg.data, cfg.resolution, self.micro, seed=cfg.seed, shuffle=cfg.shuffle,
                                     proportions=cfg.data_proportions or None, run_dir=self.out)
-        self.gens = {"noise": torch.Generator(device=ctx.device).manual_seed(cfg.seed * 7919 + ctx.rank),
-                     "dropout": torch.Generator().manual_seed(cfg.seed * 104729 + ctx.rank)}
+        self.gens = slot_generators(cfg.seed, ctx.rank, ctx.world_size, self.accum, ctx.device)
+        self.writer = CheckpointWriter(self.out, cfg.keep_checkpoints, ctx.rank, ctx.checkpoint_group)
         self.cfg_dict = {**cfg.to_dict(), "world_size": ctx.world_size, "micro_batch": self.micro,
                          "accumulation": self.accum, "schema": self.schema.to_dict()}
 
     def wrap_model(self) -> torch.nn.Module:
         """The model as the optimizer and the forward pass see it (DDP, FSDP, compiled, or itself)."""
-        return dist_utils.wrap(self.model, self.cfg.strategy, self.ctx, self.cfg.compile)
+        return dist_utils.wrap(self.model, self.cfg.strategy, self.ctx, self.cfg.compile, self.cfg.precision)
 
     # ---- resume ---------------------------------------------------------------------------------
 
@@ -162,14 +163,12 @@ class StageRun:
         counters); without one, start a fresh metrics log."""
         from .monitor import Monitor
         ctx, metrics = self.ctx, self.out / "metrics.jsonl"
-        last, st = load_latest(self.out)
+        last, st, tensors = load_latest(self.out, lambda: self.sharded_state()[0], ctx.checkpoint_group)
         if last is not None:
-            self.load_full_state(st["model"], st["optimizer"])
+            self.load_sharded_state(tensors, st["param_groups"])
             self.scheduler.load_state_dict(st["scheduler"])
-            if self.ema is not None:
-                self.ema.load_state_dict(st["ema"])
             self.loader.load_state_dict(st["loader"])
-            set_rng_state(self.gens, st["rng"][ctx.rank])
+            set_rng_state(self.gens, st["rng"], last)
             self.step, self.samples_seen, self.prior = st["step"], st["samples_seen"], st["prior"]
             if ctx.is_main:
                 truncate_metrics(metrics, self.step)
@@ -181,16 +180,12 @@ class StageRun:
         if self.prior["val_start"] is not None and last is None:
             self.monitor.scalars(self.step, "val", self.prior["val_start"])
 
-    def full_state(self) -> tuple[dict, dict]:
-        """Model and optimizer state, gathered whole on CPU (collective under FSDP)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        return get_state_dict(self.wrapped, self.optimizer,
-                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    def sharded_state(self) -> tuple[dict, list]:
+        """(model, optimizer moments and EMA as this rank holds them, optimizer hyper-parameters)."""
+        return train_tensors(self.wrapped, self.optimizer, self.ema.shadow if self.ema is not None else None)
 
-    def load_full_state(self, model_state: dict, optimizer_state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        set_state_dict(self.wrapped, self.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                       options=StateDictOptions(full_state_dict=True))
+    def load_sharded_state(self, tensors: dict, param_groups: list) -> None:
+        load_train_tensors(self.wrapped, self.optimizer, tensors, param_groups)
 
     # ---- one step -------------------------------------------------------------------------------
 
@@ -201,18 +196,19 @@ class StageRun:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                                   enabled=(cfg.precision == "bf16" and device.type == "cuda"))
         loss_sum = torch.zeros((), device=device)
-        for k in range(self.accum):
+        for k, gens in enumerate(self.gens.values()):
             batch = next(data)
             x = batch["latents"].to(device, non_blocking=True)
-            y = caption_dropout(batch["caption"], cfg.caption_dropout, self.gens["dropout"]).to(device)
+            y = caption_dropout(batch["caption"], cfg.caption_dropout, gens["dropout"]).to(device)
             with dist_utils.no_sync(self.wrapped, skip=k < self.accum - 1), autocast:
-                loss = edm_loss(self.wrapped, x, y, self.edm, cfg.mask_ratio, generator=self.gens["noise"],
+                loss = edm_loss(self.wrapped, x, y, self.edm, cfg.mask_ratio, generator=gens["noise"],
                                 patch_size=self.model.patch_size)
                 (loss / self.accum).backward()
             loss_sum += loss.detach()
         loss = dist_utils.all_mean(loss_sum / self.accum).item()
         if not math.isfinite(loss):
             self.monitor.close()
+            self.writer.wait()
             kept = latest_checkpoint(self.out)
             raise TrainingDiverged(
                 f"[{cfg.name}] loss is {loss} at step {self.step + 1}: training stopped before the optimizer "
@@ -223,8 +219,7 @@ class StageRun:
 
     def optimizer_step(self) -> tuple[float, float]:
         """Clip the gradients' norm to cfg.grad_clip, step optimizer and schedule; returns (grad norm, lr used)."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(),
-                                                   self.cfg.grad_clip or float("inf")).item()
+        grad_norm = dist_utils.clip_grad_norm(self.wrapped, self.cfg.grad_clip)      # all ranks' shards
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -233,45 +228,50 @@ class StageRun:
 
     def update_ema(self) -> None:
         if self.ema is not None:
-            with dist_utils.full_params(self.wrapped) as inner:
-                self.ema.update(inner)
+            self.ema.update(self.model)                # each rank its own shard, nothing gathered
 
     # ---- checkpoints and exported weights -------------------------------------------------------
 
     def exported_state(self) -> dict:
-        """The weights a checkpoint exports (EMA when kept), gathered whole (collective under FSDP)."""
-        if self.ema is not None:
-            return dict(self.ema.shadow)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        """The weights a checkpoint exports (EMA when kept), whole, as CPU copies on rank 0."""
+        whole = {}
+        for k, v in (self.ema.shadow if self.ema is not None else self.model.state_dict()).items():
+            v = dist_utils.full(v)                                   # all-gathered under FSDP2 (collective)
+            if self.ctx.is_main:
+                whole[k] = v.detach().to("cpu", copy=True)         # a copy: training moves on
+        return whole
 
-    def export(self, folder: Path, state_dict: dict) -> None:
-        """model.safetensors + config.json: what the inference pipeline loads."""
+    def export(self, folder: Path, state_dict: dict, step: int | None = None) -> None:
+        """model.safetensors + config.json: what the inference pipeline loads (weights of `step`)."""
         from ..checkpoint import save_model
         cfg, schema = self.cfg, self.schema
         save_model(folder, self.model, preset=cfg.preset, image_autoencoder=schema.image_autoencoder,
                    text_encoder=schema.text_encoder, resolution=cfg.resolution, edm=self.edm,
-                   extra={"stage": cfg.name, "step": self.step, "ema": self.ema is not None}, state_dict=state_dict)
+                   extra={"stage": cfg.name, "step": self.step if step is None else step,
+                          "ema": self.ema is not None}, state_dict=state_dict)
 
-    def save_checkpoint(self) -> Path | None:
-        """checkpoints/step_<step>/ with everything resume needs (rank 0 writes; collective)."""
-        model_state, optimizer_state = self.full_state()
+    def save_checkpoint(self, block: bool = False) -> Path:
+        """checkpoints/step_<step>/: every rank's shard written in the background (collective); rank 0
+        adds the small state and the whole exported weights. block=True: in place when it returns."""
+        tensors, param_groups = self.sharded_state()
         exported = self.exported_state()
-        rngs = dist_utils.gather_objects(rng_state(self.gens))
-        if not self.ctx.is_main:
-            return None
-        st = {"step": self.step, "samples_seen": self.samples_seen, "model": model_state,
-              "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
-              "ema": self.ema.state_dict() if self.ema is not None else None,
-              "loader": self.loader.state_dict(), "rng": rngs,
-              "prior": {**self.prior, "wall": self.wall_seconds(), "cpu": self.cpu_seconds()}}
-        return save_resumable(self.out, self.step, st, lambda folder: self.export(folder, exported),
-                              self.cfg_dict, self.cfg.keep_checkpoints)
+        rngs = {s: g for part in dist_utils.gather_objects(rng_state(self.gens)) for s, g in part.items()}
+        state = fill = None
+        if self.ctx.is_main:
+            state = {"step": self.step, "samples_seen": self.samples_seen, "world_size": self.ctx.world_size,
+                     "param_groups": param_groups, "scheduler": self.scheduler.state_dict(),
+                     "loader": self.loader.state_dict(), "rng": rngs,
+                     "prior": {**self.prior, "wall": self.wall_seconds(), "cpu": self.cpu_seconds()}}
+
+            def fill(folder: Path, step=self.step) -> None:          # runs in a thread: training moves on
+                self.export(folder, exported, step)
+                (folder / CONFIG_NAME).write_text(json.dumps(self.cfg_dict, indent=2, default=str))
+        return self.writer.save(self.step, tensors, state, fill, block=block)
 
     def eval_model(self):
         """The exported weights as a plain module (EMA when kept; gathered whole under FSDP: collective)."""
         cfg, ctx = self.cfg, self.ctx
-        sharded = ctx.world_size > 1 and cfg.strategy == "fsdp"
+        sharded = dist_utils.is_sharded(self.model)
         if self.ema is None and not sharded:
             return self.model
         from copy import deepcopy
@@ -340,10 +340,12 @@ class StageRun:
             if self.step >= cfg.steps:
                 break
             if self.wants_stop(loss):
-                stopped = self.save_checkpoint()
+                stopped = self.save_checkpoint(block=True)
                 break
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
+            self.writer.poll()
+        self.writer.wait()
         return self.finish(stopped)
 
     # ---- the end of the stage (or a clean early stop) -------------------------------------------

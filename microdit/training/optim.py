@@ -35,7 +35,7 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig, moe_names: set[str]) 
 
 
 def _strip_wrappers(name: str) -> str:
-    for prefix in ("module.", "_orig_mod.", "_fsdp_wrapped_module."):
+    for prefix in ("_fsdp_wrapped_module.", "_orig_mod.", "module."):
         name = name.replace(prefix, "")
     return name
 
@@ -67,24 +67,24 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
 
 
 class EMA:
-    """Exponential moving average of the parameters (buffers copied): ema = d * ema + (1 - d) * param."""
+    """Exponential moving average of the parameters (buffers copied): ema = d * ema + (1 - d) * param.
+
+    The average lives where the parameters live: on their device, and under FSDP2 as the same shards
+    (each rank averages its own shard, nothing is gathered); exports assemble the whole weights.
+    Build it from the model after `distributed.wrap` (FSDP2 shards the parameters in place); a
+    checkpoint saves and loads `shadow` in place (sharded), so it never leaves that device.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.shadow = {_strip_wrappers(k): v.detach().float().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        """`model` may be wrapped (names are stripped of wrapper prefixes); FSDP: call it inside
-        `distributed.full_params` so that parameters are whole."""
-        for name, p in model.named_parameters():
-            self.shadow[_strip_wrappers(name)].lerp_(p.detach().float(), 1 - self.decay)
+        """`model` may be wrapped (names are stripped of wrapper prefixes)."""
+        from .distributed import local
+        params = [(_strip_wrappers(n), p) for n, p in model.named_parameters()]
+        torch._foreach_lerp_([local(self.shadow[n]) for n, _ in params],
+                             [local(p.detach()).float() for _, p in params], 1 - self.decay)
         for name, b in model.named_buffers():
-            self.shadow[_strip_wrappers(name)].copy_(b)
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.decay = d["decay"]
-        self.shadow = {k: v.clone() for k, v in d["shadow"].items()}
+            local(self.shadow[_strip_wrappers(name)]).copy_(local(b))

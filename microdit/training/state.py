@@ -2,20 +2,25 @@
 
 A stage folder (TrainConfig.out_dir) holds:
 
-    checkpoints/step_00000100/   resumable: model.safetensors + config.json (loadable by the pipeline),
-                                 train_state.json (step, counters, scheduler, data-loader position,
-                                 optimizer hyper-parameters: plain JSON) with train_state.safetensors
-                                 (raw weights, optimizer moments, EMA, every rank's RNG generators),
-                                 train_config.json
+    checkpoints/step_00000100/   resumable:
+        shards/                  model, optimizer moments, EMA: one file per rank + DCP's .metadata
+                                 (torch.distributed.checkpoint; loads onto any number of ranks)
+        train_state.json         step, counters, scheduler, data-loader position, optimizer
+                                 hyper-parameters (plain JSON)
+        train_state.safetensors  every micro-step slot's RNG generators
+        model.safetensors + config.json + train_config.json   the weights whole (EMA when kept),
+                                 loadable by the pipeline like final/
     final/                       the stage's result: model.safetensors + config.json + train_config.json
                                  + manifest.json (kind "checkpoint")
     metrics.jsonl, tensorboard/, samples/, tmp/
 
 Folders are written under a temporary name and renamed into place, so a kill at any moment leaves
-either the previous checkpoint or the new one, never half of one. Only the last K are kept.
+either the previous checkpoint or the new one, never half of one. Only the last K are kept. The shards
+are written in the background (`sharded.CheckpointWriter`) while training goes on.
 
 Every file of a run folder is treated as untrusted (a shared `runs/`, a copied run): the state is JSON
-and safetensors, never a pickle. A `train_state.pt` (pickle) is refused, not opened. A checkpoint that
+and safetensors, the shards' metadata is unpickled with an allow-list of DCP's classes
+(`sharded.SafeReader`), and a `train_state.pt` (pickle) is refused, not opened. A checkpoint that
 cannot be read (a truncated file, a disk error) is named in a warning and resume falls back to the
 previous one.
 """
@@ -25,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -79,40 +83,14 @@ def write_folder_atomically(target: Path, fill) -> Path:
     return target
 
 
-def save_resumable(out_dir, step: int, state: dict, export, cfg_dict: dict, keep: int) -> Path:
-    """Write checkpoints/step_<step>/ atomically; `export(folder)` writes model.safetensors + config.json."""
-    target = Path(out_dir) / "checkpoints" / f"step_{step:08d}"
-
-    def fill(tmp: Path):
-        export(tmp)
-        write_json_atomic(tmp / CONFIG_NAME, cfg_dict)
-        save_state(tmp, state)
-
-    write_folder_atomically(target, fill)
-    for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def load_resumable(folder) -> dict:
-    """The state written by `save_resumable`; UnsafeCheckpoint for a pickle, CorruptCheckpoint when unreadable."""
-    return load_state(folder)
-
-
-def load_latest(out_dir) -> tuple[Path | None, dict | None]:
-    """The newest readable checkpoint and its state; unreadable ones are named in a warning and skipped."""
-    for folder in reversed(checkpoint_dirs(out_dir)):
-        try:
-            return folder, load_state(folder)
-        except CorruptCheckpoint as e:
-            warnings.warn(f"{e}; resuming from the previous checkpoint instead", stacklevel=2)
-    return None, None
+def step_folder(out_dir, step: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"step_{step:08d}"
 
 
 # ---- the training state as JSON + safetensors ---------------------------------------------------
 
 def save_state(folder, state: dict) -> None:
-    """Nested dicts/lists of plain values and tensors -> train_state.json + train_state.safetensors."""
+    """Nested dicts/lists of plain values and (small) tensors -> train_state.json + train_state.safetensors."""
     from safetensors.torch import save_file
     tensors: dict[str, torch.Tensor] = {}
     doc = _encode(state, "", tensors)
@@ -185,21 +163,34 @@ def clean_partial(out_dir) -> None:
 
 
 # ---- RNG -----------------------------------------------------------------------------------------
+# Random draws come from one set of generators per micro-step slot: slot k * world_size + rank is
+# micro-step k of `rank`, which is also where its samples sit in the global batch (streaming deals
+# samples to ranks in turn). A checkpoint keeps every slot's state, so a run resumed on a different
+# number of ranks with the same micro-batch continues each slot's stream.
 
-def rng_state(generators: dict[str, torch.Generator]) -> dict:
-    out = {k: g.get_state() for k, g in generators.items()}
-    out["torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state()
-    return out
+def slot_generators(seed: int, rank: int, world_size: int, accumulation: int, device) -> dict:
+    """{slot: {"noise": generator on `device`, "dropout": CPU generator}} for this rank's micro-steps."""
+    return {s: {"noise": torch.Generator(device=device).manual_seed(seed * 7919 + s),
+                "dropout": torch.Generator().manual_seed(seed * 104729 + s)}
+            for s in range(rank, world_size * accumulation, world_size)}
 
 
-def set_rng_state(generators: dict[str, torch.Generator], state: dict) -> None:
-    for k, g in generators.items():
-        g.set_state(state[k])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def rng_state(slots: dict[int, dict[str, torch.Generator]]) -> dict:
+    return {str(s): {k: g.get_state() for k, g in gens.items()} for s, gens in slots.items()}
+
+
+def set_rng_state(slots: dict[int, dict[str, torch.Generator]], state: dict, source="the checkpoint") -> None:
+    """Restore every slot's generators; slots missing from `state` (another micro-batch) keep their
+    seeds, with a warning."""
+    missing = [s for s in slots if str(s) not in state]
+    if missing:
+        import warnings
+        warnings.warn(f"{source} was written with another micro-batch (no random state for slots {missing}): "
+                      "their draws are re-seeded, so losses differ from an uninterrupted run", stacklevel=2)
+    for s, gens in slots.items():
+        for k, g in gens.items():
+            if str(s) in state:
+                g.set_state(state[str(s)][k])
 
 
 # ---- metrics log ---------------------------------------------------------------------------------
