@@ -7,7 +7,7 @@
 checkpoint), `train_step` (accumulated forward/backward, `optimizer_step`, `update_ema`),
 `save_checkpoint`, `save_samples` and `finish` (validation, final folder and manifest). The seams a
 different engine plugs into are `wrap_model`, `optimizer_step`, `update_ema`, `exported_state`,
-`sharded_state` / `load_sharded_state` (what a checkpoint holds) and `export` (the loadable weights).
+`sharded_state` (what a checkpoint holds) and `export` (the loadable weights).
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ class StageRun:
         ctx, metrics = self.ctx, self.out / "metrics.jsonl"
         last, st, tensors = load_latest(self.out, lambda: self.sharded_state()[0], ctx.checkpoint_group)
         if last is not None:
-            self.load_sharded_state(tensors, st["param_groups"])
+            load_train_tensors(self.wrapped, self.optimizer, tensors, st["param_groups"])
             self.scheduler.load_state_dict(st["scheduler"])
             self.loader.load_state_dict(st["loader"])
             set_rng_state(self.gens, st["rng"], last)
@@ -183,9 +183,6 @@ class StageRun:
     def sharded_state(self) -> tuple[dict, list]:
         """(model, optimizer moments and EMA as this rank holds them, optimizer hyper-parameters)."""
         return train_tensors(self.wrapped, self.optimizer, self.ema.shadow if self.ema is not None else None)
-
-    def load_sharded_state(self, tensors: dict, param_groups: list) -> None:
-        load_train_tensors(self.wrapped, self.optimizer, tensors, param_groups)
 
     # ---- one step -------------------------------------------------------------------------------
 
