@@ -179,15 +179,13 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
     done = read_manifest(out)
     if done is not None and done.config.get("convert_hash") == ident:
         return out
-    _start_or_resume(out, ident)
     source = cfg.source or source_name(cfg.input)
     run_cfg = {**asdict(cfg), "source": source}
     with CostMeter() as meter:
         units = plan_record_units(cfg.input, cfg.layout, cfg.shard_samples)
+        _start_or_resume(out, ident, config_hash([asdict(u) for u in units]))
         todo = [u for u in units if not (out / UNITS_DIR / f"{u.name}.json").exists()]
         elsewhere = cfg.engine == "ray" and len(todo) > 1
-        if cfg.engine not in ("ray", "local"):
-            raise UserError(f"engine must be ray or local, got {cfg.engine!r}")
         with _bar(todo, source, progress) as bar:
             if elsewhere:
                 _run_ray(run_cfg, todo, cfg, bar)
@@ -222,6 +220,8 @@ def _check(cfg: ConvertConfig) -> None:
                             f"{'samples' if name == 'shard_samples' else 'pixels'}")
     if cfg.workers is not None and cfg.workers < 1:
         raise UserError(f"--workers {cfg.workers}: give at least 1 (or leave it out: one per CPU)")
+    if cfg.engine not in ("ray", "local"):
+        raise UserError(f"--engine {cfg.engine!r}: ray or local")
 
 
 def _identity(cfg: ConvertConfig) -> dict:
@@ -231,10 +231,11 @@ def _identity(cfg: ConvertConfig) -> dict:
     return d
 
 
-def _start_or_resume(out: Path, ident: str) -> None:
-    """Keep the finished units of an interrupted run with the same config; anything else starts over."""
-    plan = out / UNITS_DIR / "plan.json"
-    if plan.exists() and json.loads(plan.read_text()).get("convert_hash") == ident:
+def _start_or_resume(out: Path, ident: str, units_hash: str) -> None:
+    """Keep the finished units of an interrupted run with the same config and the same units (the input did
+    not change under it); anything else starts over."""
+    plan, want = out / UNITS_DIR / "plan.json", {"convert_hash": ident, "units_hash": units_hash}
+    if plan.exists() and json.loads(plan.read_text()) == want:
         (out / "manifest.json").unlink(missing_ok=True)
         return
     (out / "manifest.json").unlink(missing_ok=True)
@@ -242,7 +243,7 @@ def _start_or_resume(out: Path, ident: str) -> None:
     for old in out.glob("part-*.parquet"):
         old.unlink()
     (out / UNITS_DIR).mkdir(parents=True)
-    write_json_atomic(plan, {"convert_hash": ident})
+    write_json_atomic(plan, want)
 
 
 def _unit_info(out: Path, unit: RecordUnit) -> dict:

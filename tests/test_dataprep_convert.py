@@ -119,3 +119,19 @@ def test_ray_convert_killed_with_sigkill_then_rerun_keeps_every_sample_once(tmp_
     assert m.samples == ref.samples and m.skipped == ref.skipped           # counts by reason as a clean run
     assert rows_of(out) == rows_of(clean)                                  # same rows, same order, same bytes
     assert not list(out.rglob("*.tmp-*"))
+
+
+def test_input_that_changed_under_an_interrupted_run_starts_over(tmp_path):
+    raw = raw_files(tmp_path / "raw", 20, size=40)
+    cfg = ConvertConfig(str(raw), str(tmp_path / "out"), source="s", min_size=32, short_side=36, shard_samples=6,
+                        engine="local")
+    out = convert(cfg, progress=False)
+    (out / "manifest.json").unlink()                                     # as if killed before the end
+    (out / UNITS_DIR / "00003.json").unlink()
+    for i in (900, 901):                                                 # new samples sort before the last unit
+        (raw / "00000" / f"000{i}.jpg").write_bytes(noise_jpeg(40, 40, i))
+        (raw / "00000" / f"000{i}.txt").write_text(f"new {i}")
+    m = Manifest.read(convert(cfg, progress=False))
+    assert m.metrics["units_this_run"] == 4                              # the plan moved: every unit redone
+    ids = [r["sample_id"] for r in rows_of(out)]
+    assert {"s/000900", "s/000901"} <= set(ids) and len(ids) == len(set(ids)) == m.samples
