@@ -14,8 +14,9 @@ Rows (each is ok, failed or skipped, with why; one failing row does not stop the
   per second of the last stage-1 step over the GPU's dense bf16 peak (microdit.bench.PEAK_BF16_FLOPS).
 - `bf16 vs fp32 loss`: the EDM loss of one batch with the same noise in fp32 and under bf16 autocast
   (CUDA's rules; on a CPU the emulated ones): relative difference <= 2 %.
-- `sharded checkpoint`: model + optimizer state saved with torch.distributed.checkpoint (one file per
-  rank) and loaded into a fresh model and optimizer: equal tensors.
+- `sharded checkpoint`: the trainer's checkpoint path (microdit.training.sharded): model, optimizer and
+  EMA saved asynchronously with torch.distributed.checkpoint (how long training is held up, and the
+  whole write) and loaded into a fresh model, optimizer and EMA: equal tensors, the EMA on the device.
 - `SDXL-VAE encode`: diffusers AutoencoderKL with the SDXL VAE's configuration (random weights) encodes a
   batch of 512 px images in bf16: finite latents of shape (N, 4, 64, 64), images per second.
 `--device cpu` runs the same rows at toy size (MicroDiT_Nano_2, tiny VAE, no compile); the memory and
@@ -184,8 +185,9 @@ def bf16_vs_fp32(size: Size, device: str) -> dict:
 
 
 def sharded_checkpoint(size: Size, device: str) -> dict:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    """The trainer's own checkpoint path (training.sharded): an asynchronous save of model, AdamW
+    moments and EMA, then a load (metadata read with the allow-list) into a fresh model and optimizer."""
+    from .training.sharded import CheckpointWriter, load_into, load_train_tensors, train_tensors
     stage = PAPER_STAGES[0]
     model, lat = _stage_model(size, stage, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -193,26 +195,31 @@ def sharded_checkpoint(size: Size, device: str) -> dict:
     y = torch.randn(2, size.caption_len, size.caption_channels, device=device)
     edm_loss(model, x, y, EDMConfig(), patch_size=model.patch_size).backward()
     opt.step()
+    ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     with tempfile.TemporaryDirectory() as d:
-        msd, osd = get_state_dict(model, opt)
+        writer = CheckpointWriter(d, keep=1)
+        tensors, param_groups = train_tensors(model, opt, ema)
         t0 = time.perf_counter()
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=d)
+        folder = writer.save(1, tensors, {"param_groups": param_groups})
+        held_up_s = time.perf_counter() - t0             # training waits this long; the rest is background
+        writer.wait()
         save_s = time.perf_counter() - t0
-        nbytes = sum(f.stat().st_size for f in Path(d).iterdir())
+        nbytes = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
         torch.manual_seed(1)
         fresh, _ = _stage_model(size, stage, device)
         fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-5)
-        msd2, osd2 = get_state_dict(fresh, fresh_opt)
-        state = {"model": msd2, "optim": osd2}
+        fresh_ema = {k: torch.zeros_like(v) for k, v in ema.items()}
         t0 = time.perf_counter()
-        dcp.load(state, checkpoint_id=d)
-        set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        state_tensors, _ = train_tensors(fresh, fresh_opt, fresh_ema)
+        state = load_into(folder, state_tensors)
+        load_train_tensors(fresh, fresh_opt, state_tensors, state["param_groups"])
         load_s = time.perf_counter() - t0
+    same_ema = all(torch.equal(ema[k], fresh_ema[k]) and fresh_ema[k].device == ema[k].device for k in ema)
     same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
     s0, s1 = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
     same_opt = s0.keys() == s1.keys() and all(torch.equal(s0[k]["exp_avg_sq"], s1[k]["exp_avg_sq"]) for k in s0)
-    return {"gb": nbytes / 1e9, "save_s": save_s, "load_s": load_s, "model_equal": same,
-            "optimizer_equal": same_opt, "ok": same and same_opt}
+    return {"gb": nbytes / 1e9, "held_up_s": held_up_s, "save_s": save_s, "load_s": load_s, "model_equal": same,
+            "optimizer_equal": same_opt, "ema_equal_on_device": same_ema, "ok": same and same_opt and same_ema}
 
 
 def vae_encode(size: Size, device: str) -> dict:
