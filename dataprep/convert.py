@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -328,8 +329,13 @@ def _run_ray(run_cfg: dict, todo, cfg: ConvertConfig, bar) -> None:
         ds = ds.map_batches(UnitConverter, fn_constructor_kwargs={"cfg": run_cfg}, batch_size=1, batch_format="numpy",
                             compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2), num_cpus=1)
         bar.set_postfix_str(f"{workers} Ray workers")
-        for _ in ds.iter_rows():
-            bar.update(1)
+        quiet = logging.getLogger("ray.data")
+        level, quiet.level = quiet.level, logging.ERROR        # no per-dataset INFO lines between the bar's
+        try:
+            for _ in ds.iter_rows():
+                bar.update(1)
+        finally:
+            quiet.setLevel(level)
 
 
 def _convert_one(rec: RawRecord, source: str, cfg: ConvertConfig, seen: set) -> dict:
