@@ -62,7 +62,8 @@ def bench_train_step(batch: int = 64, threads: int = 1, steps: int = 4) -> float
     """Seconds per step of the CPU preset (MicroDiT_Nano_2, 8x8x12 latents, 16 caption tokens, mask 0)."""
     import torch
 
-    from microdit.edm import EDMConfig, edm_loss
+    from microdit.bench import training_step
+    from microdit.edm import EDMConfig
     from microdit.model import create_model
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -70,13 +71,11 @@ def bench_train_step(batch: int = 64, threads: int = 1, steps: int = 4) -> float
         model = create_model("MicroDiT_Nano_2", latent_res=8, in_channels=12, caption_channels=64)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x, y = torch.randn(batch, 12, 8, 8), torch.randn(batch, 16, 64)
+        step = training_step(model, opt, x, y, 0.0, EDMConfig())
         times = []
         for i in range(steps + 2):
             t0 = time.perf_counter()
-            loss = edm_loss(model, x, y, EDMConfig(), mask_ratio=0.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step()
             times.append(time.perf_counter() - t0)
         return sorted(times[2:])[len(times[2:]) // 2]
     finally:

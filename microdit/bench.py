@@ -98,11 +98,15 @@ def interleaved_best(fns: dict, rounds: int, steps: int, device="cpu", warmup: i
     return {k: min(v) for k, v in times.items()}
 
 
-def training_step(model, opt, x, y, mask_ratio, edm, autocast_dtype=None):
-    """One step: EDM loss (masked when mask_ratio > 0), backward, AdamW. No host synchronisation."""
+def training_step(model, opt, x, y, mask_ratio, edm, autocast_dtype=None, forward=None):
+    """One step as a function: EDM loss (masked when mask_ratio > 0), backward, AdamW; no host
+    synchronisation. forward: what runs the model (e.g. torch.compile(model)); default the model.
+    The one training step of every benchmark (dataprep.data_bench times it too)."""
+    forward = forward or model
+
     def step():
         with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = edm_loss(model, x, y, edm, mask_ratio=mask_ratio, patch_size=model.patch_size)
+            loss = edm_loss(forward, x, y, edm, mask_ratio=mask_ratio, patch_size=model.patch_size)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -215,14 +219,7 @@ def cuda_section(batch: int = 256, mask_ratio: float = 0.75, steps: int = 10, co
     fwd = torch.compile(model) if compile else model
     x = torch.randn(batch, 4, 32, 32, device=device)
     y = torch.randn(batch, caption_len, 1024, device=device)
-    edm = EDMConfig()
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = edm_loss(fwd, x, y, edm, mask_ratio=mask_ratio, patch_size=model.patch_size)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = training_step(model, opt, x, y, mask_ratio, EDMConfig(), torch.bfloat16, forward=fwd)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
