@@ -54,16 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def save_png(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    from .manifest import write_json_atomic
-    from .pipeline import MicroDiTPipeline, image_grid
+    from .manifest import write_json_atomic, write_png_atomic
+    from .pipeline import MicroDiTPipeline
+    from .sampling import image_grid
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,9 +72,9 @@ def main(argv=None) -> Path:
     names = []
     for k, im in enumerate(images):
         names.append(f"p{k // args.images_per_prompt:03d}_i{k % args.images_per_prompt:02d}.png")
-        save_png(im, out / names[-1])
+        write_png_atomic(out / names[-1], im)
     if args.grid:
-        save_png(image_grid(images, args.images_per_prompt), out / "grid.png")
+        write_png_atomic(out / "grid.png", image_grid(images, args.images_per_prompt))
     settings = {"checkpoint": args.checkpoint, "prompts": args.prompts, "images_per_prompt": args.images_per_prompt,
                 "steps": args.steps, "guidance": args.guidance, "seed": pipe.last_seed,
                 "image_autoencoder": pipe.image_autoencoder.name, "text_encoder": pipe.text_encoder.name,

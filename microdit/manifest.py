@@ -93,6 +93,16 @@ def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     return path
 
 
+def write_png_atomic(path: str | os.PathLike, image) -> Path:
+    """Write a PIL image as PNG under a temporary name, then rename: never half an image at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
 class CostMeter:
     """Measures wall and CPU seconds of a block (this process and its waited-for children).
 

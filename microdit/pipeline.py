@@ -1,4 +1,5 @@
-"""Text-to-image generation with a trained MicroDiT: prompts -> caption embeddings -> EDM Heun sampling -> images.
+"""Text-to-image generation with a trained MicroDiT: prompts -> caption embeddings -> EDM Heun sampling -> images
+(`microdit.sampling`, the sampling path training and evaluation share).
 
     from microdit.pipeline import MicroDiTPipeline
     pipe = MicroDiTPipeline.from_pretrained("checkpoints/stage4")            # our folder, a hub id, or a release .pt
@@ -17,20 +18,15 @@ import torch
 from PIL import Image
 
 from .checkpoint import load_model
-from .edm import EDMConfig, heun_sampler
+from .edm import EDMConfig
 from .encoders import load_image_autoencoder, load_text_encoder
+from .sampling import decode_images, sample_latents
 
 
 def image_noise(seed: int, index: int, shape: tuple) -> torch.Tensor:
     """Unit Gaussian latents of image `index` under `seed` (drawn on the CPU: identical on every device)."""
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
     return torch.randn(shape, generator=g)
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """Images in [-1, 1] (N, 3, H, W) -> PIL RGB."""
-    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
 
 
 class MicroDiTPipeline:
@@ -97,22 +93,17 @@ class MicroDiTPipeline:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(batches) * num_inference_steps, desc="sampling", unit="step")
         out = []
-        dtype = next(self.model.parameters()).dtype
         for batch in batches:
-            y = self.text_encoder.encode([p for _, p in batch]).to(self.device, dtype)
-            noise = torch.stack([noise_of(i) for i, _ in batch]).to(self.device)
+            y = self.text_encoder.encode([p for _, p in batch])
+            noise = torch.stack([noise_of(i) for i, _ in batch])
             step = (lambda it: _ticks(it, bar)) if bar is not None else None
-            out.append(heun_sampler(self.model, noise, y, num_inference_steps, guidance_scale, self.edm, step).cpu())
+            out.append(sample_latents(self.model, noise, y, num_inference_steps, guidance_scale, self.edm, step).cpu())
         if bar is not None:
             bar.close()
         return torch.cat(out)
 
-    @torch.inference_mode()
     def decode(self, latents: torch.Tensor, batch_size: int = 8) -> list[Image.Image]:
-        images = []
-        for k in range(0, len(latents), batch_size):
-            images += to_pil(self.image_autoencoder.decode(latents[k:k + batch_size].to(self.device)))
-        return images
+        return decode_images(self.image_autoencoder, latents, batch_size)
 
     def generate(self, prompts: list[str] | str, num_inference_steps: int = 30, guidance_scale: float = 5.0,
                  seed: int | None = None, images_per_prompt: int = 1, batch_size: int = 8,
@@ -128,12 +119,3 @@ def _ticks(it, bar):
         yield i
         bar.update(1)
 
-
-def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """Images in rows of `columns` (one row per prompt when columns = images per prompt)."""
-    w, h = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * w, rows * h), "white")
-    for k, im in enumerate(images):
-        grid.paste(im, ((k % columns) * w, (k // columns) * h))
-    return grid

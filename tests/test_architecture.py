@@ -82,6 +82,8 @@ def test_packages_import_one_way():
         pkg = name.split(".")[0]
         if pkg != "flows":
             assert not {t for t in targets if t.startswith("flows")}, f"{name} imports the flows"
+        if pkg == "microdit":
+            assert not {t for t in targets if t.startswith("dataprep")}, f"{name} imports dataprep"
     for pkg in ("microdit", "dataprep"):
         for path in (ROOT / pkg).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):

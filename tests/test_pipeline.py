@@ -7,7 +7,8 @@ from PIL import Image
 
 from microdit.checkpoint import save_model
 from microdit.model import create_model
-from microdit.pipeline import MicroDiTPipeline, image_noise, to_pil
+from microdit.pipeline import MicroDiTPipeline, image_noise
+from microdit.sampling import to_pil
 
 PROMPTS = ["a red cube", "two blue spheres", "a green cone above a yellow star"]
 

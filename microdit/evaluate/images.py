@@ -6,12 +6,13 @@ gets the images an uninterrupted run would have made.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ..manifest import write_png_atomic
 
 
 class ImageGenerator:
@@ -38,14 +39,6 @@ class Job:
     seed: int
 
 
-def save_png(image: Image.Image, path: Path) -> None:
-    """Write then rename: a killed run never leaves a half-written image behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def generate_missing(generator, jobs: list[Job], batch_size: int = 32, desc: str = "generate") -> int:
     """Generate the jobs whose file is missing, in batches; returns how many were generated."""
     from tqdm import tqdm
@@ -56,7 +49,7 @@ def generate_missing(generator, jobs: list[Job], batch_size: int = 32, desc: str
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
             for job, im in zip(batch, generator([j.prompt for j in batch], [j.seed for j in batch])):
-                save_png(im, job.path)
+                write_png_atomic(job.path, im)   # a killed run never leaves half an image
             bar.update(len(batch))
     return len(todo)
 
@@ -67,28 +60,6 @@ def load_images(jobs: list[Job]) -> list[Image.Image]:
         with Image.open(j.path) as im:
             out.append(im.convert("RGB"))
     return out
-
-
-def image_grid(images: list[Image.Image], captions: list[str] | None = None, cols: int = 8, cell: int = 96) -> Image.Image:
-    """A contact sheet (nearest-neighbour upscaled cells, optional caption under each) for a person to look at."""
-    from PIL import ImageDraw
-    rows = max(1, -(-len(images) // cols))
-    text_h = 36 if captions else 0
-    sheet = Image.new("RGB", (cols * cell, rows * (cell + text_h)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for i, im in enumerate(images):
-        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
-        sheet.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
-        if captions:
-            words, lines, line = captions[i].replace("a photo of ", "").split(), [], ""
-            for w in words:
-                if len(line) + len(w) + 1 > cell // 6:
-                    lines.append(line)
-                    line = w
-                else:
-                    line = f"{line} {w}".strip()
-            draw.multiline_text((x + 2, y + cell), "\n".join((lines + [line])[:3]), fill=(0, 0, 0), spacing=0)
-    return sheet
 
 
 def seed_for(base_seed: int, *keys: int) -> int:

@@ -15,10 +15,11 @@ import json
 from pathlib import Path
 
 
-from microdit.manifest import CostMeter, Manifest, folder_bytes, write_json_atomic
+from microdit.manifest import CostMeter, Manifest, folder_bytes, write_json_atomic, write_png_atomic
+from microdit.sampling import image_grid
 
 from .config import EvalConfig
-from .images import ImageGenerator, Job, generate_missing, image_grid, load_images, seed_for
+from .images import ImageGenerator, Job, generate_missing, load_images, seed_for
 
 SUITE_IDS = {"shapes": 1, "geneval": 2, "coco": 3}    # separate seed streams per suite
 GRID_IMAGES = 32
@@ -112,7 +113,7 @@ def _task_grids(out: Path, suite: str, images, results) -> list[str]:
         idx = [i for i, r in enumerate(results) if r["tag"] == tag][:GRID_IMAGES]
         marks = [("ok " if results[i]["correct"] else "x ") + results[i]["prompt"] for i in idx]
         name = f"grid_{suite}_{tag}.png"
-        image_grid([images[i] for i in idx], marks).save(out / name)
+        write_png_atomic(out / name, image_grid([images[i] for i in idx], 8, marks, cell=96))
         names.append(name)
     return names
 
@@ -196,7 +197,8 @@ def run_fid(cfg: EvalConfig, gen: LazyGenerator, out: Path) -> dict:
                                            cfg.batch_size, cfg.device)
     mu_g, sigma_g = feature_stats(extract_features(_iter_images(jobs), extractor, cfg.batch_size, cfg.device,
                                                    progress="generated features"))
-    image_grid(load_images(jobs[:GRID_IMAGES]), [e["caption"] for e in entries[:GRID_IMAGES]]).save(out / "grid_coco.png")
+    write_png_atomic(out / "grid_coco.png", image_grid(load_images(jobs[:GRID_IMAGES]), 8,
+                                                     [e["caption"] for e in entries[:GRID_IMAGES]], cell=96))
     return {"fid": frechet_distance(mu_g, sigma_g, mu_r, sigma_r), "num_samples": cfg.num_samples,
             "resolution": resolution, "feature_extractor": extractor.name, "resize": "clean-fid float bicubic",
             "reference_cache": str(cache), "generated_now": generated, "grids": ["grid_coco.png"],

@@ -280,7 +280,9 @@ class StageRun:
 
     def save_samples(self, tag: str) -> None:
         """samples/<tag>.png (+ .txt of its captions) and the same grid in TensorBoard."""
-        from .monitor import sample_captions, sample_grid, save_png
+        from ..manifest import write_png_atomic
+        from ..sampling import enlarge
+        from .monitor import sample_captions, sample_grid
         cfg = self.cfg
         if cfg.num_samples <= 0:
             return
@@ -293,7 +295,7 @@ class StageRun:
         grid = sample_grid(model, caps[0], self.schema.latent_shape(cfg.resolution), self.schema.image_autoencoder,
                            self.edm, cfg.sample_steps, cfg.guidance_scale, seed=cfg.seed)
         if grid is not None:
-            path = save_png(grid, self.out / "samples" / f"{tag}.png", upscale=max(1, 128 // cfg.resolution))
+            path = write_png_atomic(self.out / "samples" / f"{tag}.png", enlarge(grid, max(1, 128 // cfg.resolution)))
             path.with_suffix(".txt").write_text("\n".join(caps[1]) + "\n")
             self.monitor.image(self.step, "samples", grid)
 

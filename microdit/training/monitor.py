@@ -8,9 +8,10 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..edm import EDMConfig, heun_sampler
+from ..edm import EDMConfig
 
 
 class Monitor:
@@ -52,9 +53,10 @@ class Monitor:
             for k, v in values.items():
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
 
-    def image(self, step: int, tag: str, grid: torch.Tensor) -> None:
+    def image(self, step: int, tag: str, grid) -> None:
+        """A PIL image into TensorBoard."""
         if self.enabled and self.tb is not None:
-            self.tb.add_image(tag, grid, step)
+            self.tb.add_image(tag, np.asarray(grid.convert("RGB")), step, dataformats="HWC")
 
     def close(self) -> None:
         if not self.enabled:
@@ -84,37 +86,19 @@ def sample_captions(cfg, schema, n: int) -> tuple[torch.Tensor, list[str]] | Non
     return b["caption"], b["caption_text"]
 
 
-@torch.no_grad()
 def sample_grid(model, captions: torch.Tensor, latent_shape, image_autoencoder: str, edm: EDMConfig,
-                num_steps: int = 20, guidance_scale: float = 5.0, seed: int = 0) -> torch.Tensor | None:
-    """Generate one image per caption embedding and return a (3, H, W) grid in [0, 1] (None when the
-    image autoencoder's weights are not available here)."""
-    from torchvision.utils import make_grid
-
+                num_steps: int = 20, guidance_scale: float = 5.0, seed: int = 0):
+    """One image per caption embedding, in a near-square PIL grid (None when the image autoencoder's
+    weights are not available here). The noise comes from one generator seeded with `seed`."""
     from ..encoders import MissingWeightsError, load_image_autoencoder
+    from ..sampling import decode_images, image_grid, sample_latents
     try:
         ae = load_image_autoencoder(image_autoencoder)
     except MissingWeightsError as e:
         warnings.warn(f"no sample grids: {e}")
         return None
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     noise = torch.randn((captions.shape[0], *latent_shape), generator=gen, device=device)
-    lat = heun_sampler(model, noise, captions.to(device), num_steps=num_steps, guidance_scale=guidance_scale, cfg=edm)
-    model.train(was_training)
-    images = ((ae.decode(lat.cpu()) + 1) / 2).clamp(0, 1)
-    return make_grid(images, nrow=int(max(1, round(captions.shape[0] ** 0.5))), padding=1, pad_value=1.0)
-
-
-def save_png(grid: torch.Tensor, path, upscale: int = 1) -> Path:
-    from PIL import Image
-    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    img = Image.fromarray(arr)
-    if upscale > 1:
-        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    images = decode_images(ae, sample_latents(model, noise, captions, num_steps, guidance_scale, edm))
+    return image_grid(images, columns=int(max(1, round(captions.shape[0] ** 0.5))), padding=1)

@@ -52,36 +52,24 @@ def shapes_score(model, text_encoder: str, image_autoencoder: str, latent_shape,
         from microdit.evaluate.shapes_eval import score_images
     except ImportError:
         return None
-    from PIL import Image
-
-    from microdit.shapes import shapes_prompts
-
-    from ..edm import heun_sampler
     from ..encoders import load_image_autoencoder, load_text_encoder
+    from ..manifest import write_png_atomic
+    from ..sampling import decode_images, image_grid, sample_latents
+    from ..shapes import shapes_prompts
     prompts = shapes_prompts(n_per_task, seed=seed)
     te, ae = load_text_encoder(text_encoder), load_image_autoencoder(image_autoencoder)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     images = []
-    with torch.inference_mode():
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            y = te.encode([p["prompt"] for p in chunk]).float().to(device)
-            noise = torch.randn((len(chunk), *latent_shape), generator=gen, device=device)
-            lat = heun_sampler(model, noise, y, num_steps=num_steps, guidance_scale=guidance_scale, cfg=edm)
-            pix = ((ae.decode(lat.cpu()) + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
-            images += [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pix]
-    model.train(was_training)
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        with torch.inference_mode():
+            y = te.encode([p["prompt"] for p in chunk]).float()
+        noise = torch.randn((len(chunk), *latent_shape), generator=gen, device=device)
+        images += decode_images(ae, sample_latents(model, noise, y, num_steps, guidance_scale, edm), len(chunk))
     summary, results = score_images(images, prompts)
     if save_grid is not None:
-        from torchvision.utils import make_grid
-
-        from .monitor import save_png
-        t = torch.stack([torch.from_numpy(__import__("numpy").array(im)).permute(2, 0, 1) for im in images]) / 255
-        save_png(make_grid(t, nrow=n_per_task, padding=1, pad_value=1.0), save_grid,
-                 upscale=max(1, 64 // images[0].width))
+        write_png_atomic(save_grid, image_grid(images, n_per_task, padding=1, scale=max(1, 64 // images[0].width)))
         save_grid.with_suffix(".txt").write_text(
             "".join(f"{p['prompt']}\t{'ok' if r['correct'] else 'wrong'}\n" for p, r in zip(prompts, results)))
     return summary
