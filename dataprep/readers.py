@@ -193,11 +193,10 @@ def _image_column(parquet_file: Path) -> str | None:
 
 def _iter_parquet(f: Path) -> Iterator[RawRecord]:
     import pyarrow.parquet as pq
-    col = _image_column(f)
-    tab = pq.read_table(f)
-    names = tab.column_names
-    cap = next((c for c in CAPTION_COLS if c in names), None)
-    for i, row in enumerate(tab.to_pylist()):
+    col, pf = _image_column(f), pq.ParquetFile(f)
+    cap = next((c for c in CAPTION_COLS if c in pf.schema_arrow.names), None)
+    rows = (row for batch in pf.iter_batches(batch_size=256) for row in batch.to_pylist())   # a shard: ~GBs
+    for i, row in enumerate(rows):
         if row.get("status") not in (None, "success"):
             continue
         sid, meta = _sidecar_meta(row)
