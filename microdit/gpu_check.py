@@ -6,8 +6,9 @@
     OMP_NUM_THREADS=1 python -m microdit.gpu_check --device cpu --out /tmp/gpu_check.json   # toy size, CPU
 
 Rows (each is ok, failed or skipped, with why; one failing row does not stop the others):
-- `stageN step`: 3 optimizer steps of paper stage N at its per-GPU micro-batch (MicroDiT_XL_2, bf16
-  autocast, torch.compile, AdamW, EMA where the stage keeps one) on one unwrapped GPU; the peak of
+- `stageN step`: 3 optimizer steps of paper stage N at its per-GPU micro-batch by the training loop
+  (StageRun: MicroDiT_XL_2, bf16 autocast, torch.compile, AdamW with the stage's clip, EMA where the
+  stage keeps one) on one GPU, reading a random latent set of the stage's shapes; the peak of
   `torch.cuda.max_memory_allocated` against the planner's estimate of the same run
   (microdit.memory, strategy "single"); the step time is the last step's.
 - `stage1 MFU`: model FLOPs of a step (forward from `estimate_flops` + backward counted as 2x forward)
@@ -19,8 +20,8 @@ Rows (each is ok, failed or skipped, with why; one failing row does not stop the
   whole write) and loaded into a fresh model, optimizer and EMA: equal tensors, the EMA on the device.
 - `SDXL-VAE encode`: diffusers AutoencoderKL with the SDXL VAE's configuration (random weights) encodes a
   batch of 512 px images in bf16: finite latents of shape (N, 4, 64, 64), images per second.
-`--device cpu` runs the same rows at toy size (MicroDiT_Nano_2, tiny VAE, no compile); the memory and
-MFU rows are skipped there (no CUDA allocator, no peak FLOP/s).
+`--device cpu` runs the same rows at toy size (MicroDiT_Nano_2, tiny VAE, no compile, fp32 steps as the
+loop runs on a CPU); the memory and MFU rows are skipped there (no CUDA allocator, no peak FLOP/s).
 """
 from __future__ import annotations
 
@@ -107,50 +108,61 @@ def _autocast(device: str):
 
 
 def stage_steps(size: Size, stage, device: str, steps: int = 3) -> dict:
-    """`steps` optimizer steps of one stage at its micro-batch; peak memory against the planner."""
-    from .memory import GIB as _G, Workload, estimate
-    model, lat = _stage_model(size, stage, device)
+    """`steps` optimizer steps of one stage at its per-GPU micro-batch, by the training loop itself
+    (microdit.training.loop.StageRun: setup, train_step, optimizer_step, update_ema) on a random latent
+    set of the stage's shapes; peak memory against the planner's estimate of the same one-GPU run."""
+    from .memory import Workload, estimate
+    from .training import distributed as dist_utils
+    from .training.loop import StageRun
+    from .training.synthetic import random_latent_set
+    res = int(stage.resolution * size.resolution_scale)
     micro = size.micro_batch or stage.micro_batch_size or stage.batch_size // 8
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=device == "cuda")
-    ema = [p.detach().clone() for p in model.parameters()] if stage.ema_decay else None
-    fwd = torch.compile(model) if size.compile else model
-    x = torch.randn(micro, 4, lat, lat, device=device)
-    y = torch.randn(micro, size.caption_len, size.caption_channels, device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = random_latent_set(Path(tmp) / "latents", n=micro * steps, resolutions=(res,), channels=4,
+                                 downsample=8, caption_len=size.caption_len, caption_dim=size.caption_channels)
+        cfg = stage.replace(preset=size.preset, resolution=res, data=[str(data)], val_data="", batch_size=micro,
+                            micro_batch_size=micro, strategy="ddp", compile=size.compile, steps=steps,
+                            checkpoint_every=0, sample_every=0, progress=False, out_dir=str(Path(tmp) / stage.name))
+        ctx = dist_utils.DistContext(device=torch.device(device))
+        run = StageRun(cfg, ctx)
+        run.setup()
+        run.resume()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        batches, losses, dt = _batches(run.loader), [], 0.0
+        run.wrapped.train()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            losses.append(run.train_step(batches))               # .item(): synchronises
+            run.optimizer_step()
+            run.update_ema()
+            dt = time.perf_counter() - t0
+        run.monitor.close()
+        model_cfg = run.model.config
+        peak_gib = torch.cuda.max_memory_allocated() / GIB if device == "cuda" else None
+        del run, batches
+    torch._dynamo.reset()                                          # next stage: new shapes, fresh graphs
+    w = Workload(preset=size.preset, resolution=res, caption_len=size.caption_len,
+                 caption_channels=size.caption_channels, pos_interp_scale=stage.pos_interp_scale,
+                 micro_batch=micro, mask_ratio=stage.mask_ratio, bf16=device == "cuda",
+                 activation_checkpointing=stage.activation_checkpointing)
+    out = {"micro_batch": micro, "resolution": res, "step_s": dt, "loss": losses[-1],
+           "estimate_gib": estimate(w, 1, "single", ema=stage.ema_decay > 0)["total"] / GIB}
     if device == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    losses, dt = [], 0.0
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        with _autocast(device):
-            loss = edm_loss(fwd, x, y, EDMConfig(), mask_ratio=stage.mask_ratio, patch_size=model.patch_size)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - stage.ema_decay)
-        losses.append(loss.detach().item())                        # synchronises
-        dt = time.perf_counter() - t0
-    out = {"micro_batch": micro, "latent": lat, "step_s": dt, "loss": losses[-1],
-           "ok": all(map(lambda v: v == v and abs(v) != float("inf"), losses))}
-    w = Workload(preset=size.preset, resolution=lat * 8, caption_len=size.caption_len,
-                 caption_channels=size.caption_channels, pos_interp_scale=stage.pos_interp_scale,
-                 micro_batch=micro, mask_ratio=stage.mask_ratio, bf16=True,
-                 activation_checkpointing=stage.activation_checkpointing)
-    out["estimate_gib"] = estimate(w, 1, "single", ema=ema is not None)["total"] / _G
-    if device == "cuda":
-        out["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
-        out["peak_over_estimate"] = out["peak_gib"] / out["estimate_gib"]
+        out["peak_gib"] = peak_gib
+        out["peak_over_estimate"] = peak_gib / out["estimate_gib"]
         peak = peak_bf16_flops(torch.cuda.get_device_name())
-        flops = train_step_flops(model.config, micro, stage.mask_ratio, size.caption_len)
+        flops = train_step_flops(model_cfg, micro, stage.mask_ratio, size.caption_len)
         out["tflops_per_s"] = flops / dt / 1e12
         out["mfu"] = flops / dt / peak if peak else None
-    del model, opt, ema, fwd
-    torch._dynamo.reset()                                          # next stage: new shapes, fresh graphs
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return out
+
+
+def _batches(loader):
+    while True:
+        yield from loader
 
 
 def mfu_row(stage1: dict | None, device: str) -> dict:

@@ -272,8 +272,8 @@ def main(argv=None) -> int:
         r = calibrate(w)
         print(f"{args.preset}, {args.resolution} px, batch {args.batch}, mask {args.mask_ratio}, "
               f"{'fp32' if args.fp32 else 'bf16 (CUDA rules)'}: real CPU forward saves "
-              f"{r['real_saved_bytes'] / GIB:.3f} GiB; planner live after forward {r['planner_after_forward_bytes'] / GIB:.3f} "
-              f"GiB; ratio {r['ratio']:.3f}")
+              f"{r['real_saved_bytes'] / GIB:.3f} GiB; planner live after forward "
+              f"{r['planner_after_forward_bytes'] / GIB:.3f} GiB; ratio {r['ratio']:.3f}")
         return 0
     from .training.config import STAGES
     if args.recipe not in STAGES:
