@@ -8,7 +8,7 @@
 Rows (each is ok, failed or skipped, with why; one failing row does not stop the others):
 - `stageN step`: 3 optimizer steps of paper stage N at its per-GPU micro-batch by the training loop
   (StageRun: MicroDiT_XL_2, bf16 autocast, torch.compile, AdamW with the stage's clip, EMA where the
-  stage keeps one) on one GPU, reading a random latent set of the stage's shapes; the peak of
+  stage keeps one) on one GPU, fed random batches of the stage's shapes (`RandomBatchRun`); the peak of
   `torch.cuda.max_memory_allocated` against the planner's estimate of the same run
   (microdit.memory, strategy "single"); the step time is the last step's.
 - `stage1 MFU`: model FLOPs of a step (forward from `estimate_flops` + backward counted as 2x forward)
@@ -40,7 +40,9 @@ from .bench import PEAK_BF16_FLOPS, peak_bf16_flops, train_step_flops
 from .cuda_rules import cpu_autocast_like_cuda
 from .edm import EDMConfig, edm_loss
 from .model import create_model
+from .schema import LatentSchema
 from .training.config import PAPER_STAGES
+from .training.loop import StageRun
 
 GIB = 2 ** 30
 SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
@@ -107,30 +109,44 @@ def _autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else cpu_autocast_like_cuda()
 
 
+class RandomBatchRun(StageRun):
+    """The training loop's StageRun fed `steps` random micro-batches of the stage's shapes (no latent set)."""
+
+    def __init__(self, cfg, ctx, caption_len: int, caption_dim: int, steps: int):
+        super().__init__(cfg, ctx)
+        self.caption_len, self.caption_dim, self.steps = caption_len, caption_dim, steps
+
+    def open_schema(self) -> LatentSchema:
+        return LatentSchema(resolutions=(self.cfg.resolution,), latent_channels=4, downsample=8,
+                            caption_len=self.caption_len, caption_dim=self.caption_dim)
+
+    def open_loader(self) -> list[dict]:
+        g, lat = torch.Generator().manual_seed(self.cfg.seed), self.cfg.resolution // 8
+        return [{"latents": torch.randn(self.micro, 4, lat, lat, generator=g) * 0.5,
+                 "caption": torch.randn(self.micro, self.caption_len, self.caption_dim, generator=g)}
+                for _ in range(self.steps)]
+
+
 def stage_steps(size: Size, stage, device: str, steps: int = 3) -> dict:
     """`steps` optimizer steps of one stage at its per-GPU micro-batch, by the training loop itself
-    (microdit.training.loop.StageRun: setup, train_step, optimizer_step, update_ema) on a random latent
-    set of the stage's shapes; peak memory against the planner's estimate of the same one-GPU run."""
+    (microdit.training.loop.StageRun: setup, train_step, optimizer_step, update_ema) on random batches of
+    the stage's shapes; peak memory against the planner's estimate of the same one-GPU run."""
     from .memory import Workload, estimate
     from .training import distributed as dist_utils
-    from .training.loop import StageRun
-    from .training.synthetic import random_latent_set
     res = int(stage.resolution * size.resolution_scale)
     micro = size.micro_batch or stage.micro_batch_size or stage.batch_size // 8
     with tempfile.TemporaryDirectory() as tmp:
-        data = random_latent_set(Path(tmp) / "latents", n=micro * steps, resolutions=(res,), channels=4,
-                                 downsample=8, caption_len=size.caption_len, caption_dim=size.caption_channels)
-        cfg = stage.replace(preset=size.preset, resolution=res, data=[str(data)], val_data="", batch_size=micro,
+        cfg = stage.replace(preset=size.preset, resolution=res, data=[], val_data="", batch_size=micro,
                             micro_batch_size=micro, strategy="ddp", compile=size.compile, steps=steps,
                             checkpoint_every=0, sample_every=0, progress=False, out_dir=str(Path(tmp) / stage.name))
-        ctx = dist_utils.DistContext(device=torch.device(device))
-        run = StageRun(cfg, ctx)
+        run = RandomBatchRun(cfg, dist_utils.DistContext(device=torch.device(device)), size.caption_len,
+                             size.caption_channels, steps)
         run.setup()
         run.resume()
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        batches, losses, dt = _batches(run.loader), [], 0.0
+        batches, losses, dt = iter(run.loader), [], 0.0
         run.wrapped.train()
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -158,11 +174,6 @@ def stage_steps(size: Size, stage, device: str, steps: int = 3) -> dict:
         out["tflops_per_s"] = flops / dt / 1e12
         out["mfu"] = flops / dt / peak if peak else None
     return out
-
-
-def _batches(loader):
-    while True:
-        yield from loader
 
 
 def mfu_row(stage1: dict | None, device: str) -> dict:

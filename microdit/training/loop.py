@@ -6,8 +6,9 @@
 `StageRun` names each part of a stage: `setup` (model, optimizer, data), `resume` (from the last
 checkpoint), `train_step` (accumulated forward/backward, `optimizer_step`, `update_ema`),
 `save_checkpoint`, `save_samples` and `finish` (validation, final folder and manifest). The seams a
-different engine plugs into are `wrap_model`, `optimizer_step`, `update_ema`, `exported_state`,
-`sharded_state` (what a checkpoint holds) and `export` (the loadable weights).
+different engine plugs into are `open_schema` / `open_loader` (where batches come from), `wrap_model`,
+`optimizer_step`, `update_ema`, `exported_state`, `sharded_state` (what a checkpoint holds) and `export`
+(the loadable weights).
 """
 from __future__ import annotations
 
@@ -124,14 +125,14 @@ class StageRun:
 
     def setup(self) -> None:
         """Model (fresh or from init_from), EMA, validation set, wrapper, optimizer, schedule, data, RNG."""
-        from ..data import LatentSet, latent_loader, open_latent_sets
+        from ..data import LatentSet
         from .validate import validation_loss
         cfg, ctx = self.cfg, self.ctx
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             clean_partial(self.out)
         dist_utils.barrier()
-        self.schema = open_latent_sets(cfg.data, cfg.resolution)
+        self.schema = self.open_schema()
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.schema).to(ctx.device)
         moe_names = set(self.model.moe_parameter_names())
@@ -145,12 +146,23 @@ class StageRun:
         self.optimizer = make_optimizer(self.wrapped, cfg, moe_names)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.micro, self.accum = batch_split(cfg, ctx.world_size)
-        self.loader = latent_loader(cfg.data, cfg.resolution, self.micro, seed=cfg.seed, shuffle=cfg.shuffle,
-                                    proportions=cfg.data_proportions or None, run_dir=self.out)
+        self.loader = self.open_loader()
         self.gens = slot_generators(cfg.seed, ctx.rank, ctx.world_size, self.accum, ctx.device)
         self.writer = CheckpointWriter(self.out, cfg.keep_checkpoints, ctx.rank, ctx.checkpoint_group)
         self.cfg_dict = {**cfg.to_dict(), "world_size": ctx.world_size, "micro_batch": self.micro,
                          "accumulation": self.accum, "schema": self.schema.to_dict()}
+
+    def open_schema(self):
+        """The latent sets' schema (latent and caption shapes, encoders) at the stage's resolution."""
+        from ..data import open_latent_sets
+        return open_latent_sets(self.cfg.data, self.cfg.resolution)
+
+    def open_loader(self):
+        """This rank's micro-batches of the latent sets (resumable: state_dict / load_state_dict)."""
+        from ..data import latent_loader
+        cfg = self.cfg
+        return latent_loader(cfg.data, cfg.resolution, self.micro, seed=cfg.seed, shuffle=cfg.shuffle,
+                             proportions=cfg.data_proportions or None, run_dir=self.out)
 
     def wrap_model(self) -> torch.nn.Module:
         """The model as the optimizer and the forward pass see it (DDP, FSDP, compiled, or itself)."""
