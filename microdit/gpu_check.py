@@ -15,9 +15,10 @@ Rows (each is ok, failed or skipped, with why; one failing row does not stop the
   per second of the last stage-1 step over the GPU's dense bf16 peak (microdit.bench.PEAK_BF16_FLOPS).
 - `bf16 vs fp32 loss`: the EDM loss of one batch with the same noise in fp32 and under bf16 autocast
   (CUDA's rules; on a CPU the emulated ones): relative difference <= 2 %.
-- `sharded checkpoint`: the trainer's checkpoint path (microdit.training.sharded): model, optimizer and
-  EMA saved asynchronously with torch.distributed.checkpoint (how long training is held up, and the
-  whole write) and loaded into a fresh model, optimizer and EMA: equal tensors, the EMA on the device.
+- `sharded checkpoint`: one step of stage 3, the training loop's sharded asynchronous checkpoint
+  (torch.distributed.checkpoint, microdit.training.sharded) and a resume from it into a fresh StageRun:
+  model, optimizer moments, EMA (on the device) and step equal; how long the save held training up
+  and took in all.
 - `SDXL-VAE encode`: diffusers AutoencoderKL with the SDXL VAE's configuration (random weights) encodes a
   batch of 512 px images in bf16: finite latents of shape (N, 4, 64, 64), images per second.
 `--device cpu` runs the same rows at toy size (MicroDiT_Nano_2, tiny VAE, no compile, fp32 steps as the
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from .bench import PEAK_BF16_FLOPS, peak_bf16_flops, train_step_flops
 from .cuda_rules import cpu_autocast_like_cuda
@@ -120,11 +122,21 @@ class RandomBatchRun(StageRun):
         return LatentSchema(resolutions=(self.cfg.resolution,), latent_channels=4, downsample=8,
                             caption_len=self.caption_len, caption_dim=self.caption_dim)
 
-    def open_loader(self) -> list[dict]:
+    def open_loader(self) -> "RandomBatches":
         g, lat = torch.Generator().manual_seed(self.cfg.seed), self.cfg.resolution // 8
-        return [{"latents": torch.randn(self.micro, 4, lat, lat, generator=g) * 0.5,
-                 "caption": torch.randn(self.micro, self.caption_len, self.caption_dim, generator=g)}
-                for _ in range(self.steps)]
+        return RandomBatches({"latents": torch.randn(self.micro, 4, lat, lat, generator=g) * 0.5,
+                              "caption": torch.randn(self.micro, self.caption_len, self.caption_dim, generator=g)}
+                             for _ in range(self.steps))
+
+
+class RandomBatches(list):
+    """Fixed batches with the loader's checkpoint interface (nothing to remember)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def stage_steps(size: Size, stage, device: str, steps: int = 3) -> dict:
@@ -208,41 +220,48 @@ def bf16_vs_fp32(size: Size, device: str) -> dict:
 
 
 def sharded_checkpoint(size: Size, device: str) -> dict:
-    """The trainer's own checkpoint path (training.sharded): an asynchronous save of model, AdamW
-    moments and EMA, then a load (metadata read with the allow-list) into a fresh model and optimizer."""
-    from .training.sharded import CheckpointWriter, load_into, load_train_tensors, train_tensors
-    stage = PAPER_STAGES[0]
-    model, lat = _stage_model(size, stage, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    x = torch.randn(2, 4, lat, lat, device=device)
-    y = torch.randn(2, size.caption_len, size.caption_channels, device=device)
-    edm_loss(model, x, y, EDMConfig(), patch_size=model.patch_size).backward()
-    opt.step()
-    ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-    with tempfile.TemporaryDirectory() as d:
-        writer = CheckpointWriter(d, keep=1)
-        tensors, param_groups = train_tensors(model, opt, ema)
+    """One step of stage 3 (EMA kept), the loop's sharded asynchronous checkpoint, and a resume from it
+    into a fresh StageRun: model, optimizer moments, EMA and step equal."""
+    from .training import distributed as dist_utils
+    stage = PAPER_STAGES[2]
+    res = int(stage.resolution * size.resolution_scale)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = stage.replace(preset=size.preset, resolution=res, data=[], val_data="", batch_size=2,
+                            micro_batch_size=2, strategy="ddp", compile=False, steps=1, checkpoint_every=0,
+                            sample_every=0, progress=False, out_dir=str(Path(tmp) / stage.name))
+        ctx = dist_utils.DistContext(device=torch.device(device))
+
+        def started() -> RandomBatchRun:
+            run = RandomBatchRun(cfg, ctx, size.caption_len, size.caption_channels, 1)
+            run.setup()
+            run.resume()
+            return run
+        run = started()
+        run.train_step(iter(run.loader))
+        run.optimizer_step()
+        run.update_ema()
+        run.step = 1
         t0 = time.perf_counter()
-        folder = writer.save(1, tensors, {"param_groups": param_groups})
-        held_up_s = time.perf_counter() - t0             # training waits this long; the rest is background
-        writer.wait()
-        save_s = time.perf_counter() - t0
-        nbytes = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
-        torch.manual_seed(1)
-        fresh, _ = _stage_model(size, stage, device)
-        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-5)
-        fresh_ema = {k: torch.zeros_like(v) for k, v in ema.items()}
-        t0 = time.perf_counter()
-        state_tensors, _ = train_tensors(fresh, fresh_opt, fresh_ema)
-        state = load_into(folder, state_tensors)
-        load_train_tensors(fresh, fresh_opt, state_tensors, state["param_groups"])
-        load_s = time.perf_counter() - t0
-    same_ema = all(torch.equal(ema[k], fresh_ema[k]) and fresh_ema[k].device == ema[k].device for k in ema)
-    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
-    s0, s1 = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
-    same_opt = s0.keys() == s1.keys() and all(torch.equal(s0[k]["exp_avg_sq"], s1[k]["exp_avg_sq"]) for k in s0)
-    return {"gb": nbytes / 1e9, "held_up_s": held_up_s, "save_s": save_s, "load_s": load_s, "model_equal": same,
-            "optimizer_equal": same_opt, "ema_equal_on_device": same_ema, "ok": same and same_opt and same_ema}
+        run.save_checkpoint()
+        blocked_s = time.perf_counter() - t0
+        folder = run.writer.wait()
+        total_s = time.perf_counter() - t0
+        nbytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        run.monitor.close()
+        fresh = started()                                          # resumes from the checkpoint just written
+        fresh.monitor.close()
+        same = {"model_equal": _equal(run.model.state_dict(), fresh.model.state_dict()),
+                "optimizer_equal": _equal(*(r.optimizer.state_dict()["state"] for r in (run, fresh))),
+                "ema_equal": _equal(run.ema.shadow, fresh.ema.shadow), "step_equal": fresh.step == 1,
+                "ema_on_device": all(v.device.type == device for v in fresh.ema.shadow.values())}
+    return {"gb": nbytes / 1e9, "save_blocked_s": blocked_s, "save_total_s": total_s, **same,
+            "ok": all(same.values())}
+
+
+def _equal(a: dict, b: dict) -> bool:
+    flat_a, flat_b = tree_flatten(a)[0], tree_flatten(b)[0]
+    return len(flat_a) == len(flat_b) and all(
+        torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b))
 
 
 def vae_encode(size: Size, device: str) -> dict:

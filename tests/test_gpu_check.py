@@ -12,8 +12,9 @@ def test_gpu_check_runs_its_cpu_capable_rows_at_toy_size(tmp_path):
     assert rows["stage1 step"]["estimate_gib"] > 0
     assert rows["stage1 MFU"]["status"] == "skipped" and "no GPU" in rows["stage1 MFU"]["why"]
     assert 0 < rows["bf16 vs fp32 loss"]["relative_difference"] <= 0.02       # bf16 really ran
-    assert rows["sharded checkpoint"]["model_equal"] and rows["sharded checkpoint"]["optimizer_equal"]
-    assert rows["sharded checkpoint"]["ema_equal_on_device"]
+    ckpt = rows["sharded checkpoint"]
+    assert ckpt["status"] == "ok" and ckpt["model_equal"] and ckpt["optimizer_equal"] and ckpt["ema_equal"]
+    assert ckpt["ema_on_device"] and ckpt["step_equal"]
     assert rows["SDXL-VAE encode bf16"]["status"] == "ok"
 
 
