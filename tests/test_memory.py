@@ -29,6 +29,7 @@ def test_activation_checkpointing_cuts_the_estimate_and_masking_too():
     assert 1.8 < double["peak"] / full["peak"] < 2.2            # activations grow with the micro-batch
 
 
+@pytest.mark.slow
 def test_paper_stage4_fits_80gb_at_its_micro_batch_and_not_at_256():
     s4 = PAPER_STAGES[3]
     rows = memory.plan([s4], world_size=8, gpu_memory_gib=80)
