@@ -12,6 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "error: micro-budget needs Python >= 3.11; $(PY) is $$($(PY) --version 2>&1 || echo missing). Install 3.11+ and run: make $(MAKECMDGOALS) PY=python3.11" >&2; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --no-deps -r requirements.lock
 	$(BIN)/pip uninstall -y dataclasses 2>/dev/null || true

@@ -364,7 +364,7 @@ def is_converted(folder) -> bool:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dataprep.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="raw set folder or parquet/CSV of image paths + captions")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--source", help="data set name stored with each sample")

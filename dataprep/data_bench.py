@@ -198,7 +198,7 @@ def bench_read(latents: Path, root: Path, batch_size: int = 64, epochs: int = 3)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dataprep.data_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("what", nargs="?", default="precompute", choices=["precompute", "convert"],
                    help="precompute (+ read) benchmark, or the convert benchmark")
     p.add_argument("--samples", type=int, default=6000, help="shapes samples to precompute (convert: 1500 JPEGs)")

@@ -181,7 +181,7 @@ def img2dataset_stats(out: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m dataprep.download", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=table())
     p.add_argument("dataset", nargs="?", help="a name from the table below")
     p.add_argument("--out", help="raw set folder to create (or complete)")

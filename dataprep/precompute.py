@@ -263,7 +263,7 @@ def _merge(out: Path, infos: list[dict]) -> LatentSchema:
 # --------------------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m dataprep.precompute", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", required=True, help="converted set, raw set folder, or parquet/CSV of paths + captions")
     p.add_argument("--out", required=True, help="latent set folder (rerun the same command to finish it)")

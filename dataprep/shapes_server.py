@@ -97,7 +97,7 @@ class ShapesServer:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Serve shapes images on loopback (for trying img2dataset by hand).")
+    p = argparse.ArgumentParser(prog="python -m dataprep.shapes_server", description="Serve shapes images on loopback (for trying img2dataset by hand).")
     p.add_argument("--samples", type=int, default=16, help="number of images")
     p.add_argument("--resolution", type=int, default=64, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="scene seed")

@@ -102,7 +102,7 @@ def shapes_latent_set(folder, n: int, resolutions=(16, 32), seed: int = 0, image
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m dataprep.synthetic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="latent set folder to write")
     p.add_argument("--n", type=int, default=20000, help="number of shapes images")
     p.add_argument("--seed", type=int, default=0, help="shapes seed (use another seed for a held-out set)")

@@ -64,6 +64,28 @@ CREATE TABLE IF NOT EXISTS prices (
     price_list VARCHAR, resource VARCHAR, usd DOUBLE, unit VARCHAR, source VARCHAR,
     PRIMARY KEY (price_list, resource)
 );
+""" + """
+-- Views for the common reports (named columns; the queries in docs/orchestration.md run as pasted).
+CREATE OR REPLACE VIEW asset_costs AS          -- one row per asset with its cost
+SELECT a.run_id, a.profile, a.step, a.kind, a.name, a.path, a.lineage, a.parent_ids, a.samples, a.bytes,
+       a.created_at, c.wall_seconds AS wall_s, c.cpu_seconds AS cpu_s, c.gpu_seconds / 3600 AS gpu_hours,
+       c.gpu_type, c.num_gpus, c.cpu_usd, c.gpu_usd, c.storage_usd, c.total_usd, c.price_list, a.asset_id
+FROM assets a JOIN costs c USING (asset_id);
+CREATE OR REPLACE VIEW step_costs AS           -- per run and step: what the report's rows show
+SELECT run_id, profile, step, any_value(kind) AS kind, count(*) AS assets, sum(samples) AS samples,
+       sum(bytes) AS bytes, sum(wall_s) AS wall_s, sum(cpu_s) AS cpu_s, sum(gpu_hours) AS gpu_hours,
+       sum(cpu_usd) AS cpu_usd, sum(gpu_usd) AS gpu_usd, sum(storage_usd) AS storage_usd,
+       sum(total_usd) AS total_usd, 1000 * sum(total_usd) / nullif(sum(samples), 0) AS usd_per_1k_samples,
+       min(created_at) AS started
+FROM asset_costs GROUP BY run_id, profile, step;
+CREATE OR REPLACE VIEW run_costs AS            -- per run: the report's total line
+SELECT run_id, profile, count(*) AS assets, sum(wall_s) AS wall_s, sum(cpu_s) AS cpu_s,
+       sum(gpu_hours) AS gpu_hours, sum(cpu_usd) AS cpu_usd, sum(gpu_usd) AS gpu_usd,
+       sum(storage_usd) AS storage_usd, sum(total_usd) AS total_usd,
+       sum(samples) FILTER (WHERE kind = 'checkpoint') AS trained_samples,
+       1000 * sum(total_usd) / nullif(sum(samples) FILTER (WHERE kind = 'checkpoint'), 0)
+           AS usd_per_1k_trained_samples
+FROM asset_costs GROUP BY run_id, profile;
 """
 
 # The report's queries (docs/orchestration.md shows them; `python -m flows.ledger sql` prints them).
@@ -331,7 +353,7 @@ def main(argv=None) -> int:
     i.add_argument("--run", required=True, help="run id (the pipeline run's folder name)")
     i.add_argument("--step", default=None, help="step name (default kind:name from the manifest)")
     i.add_argument("--prices", default=None)
-    sub.add_parser("sql", help="print the SQL the report runs")
+    sub.add_parser("sql", help="print the tables, the report views and the SQL the report runs")
     a = ap.parse_args(argv)
     if a.cmd == "sql":
         print(SCHEMA, "-- per step\n" + ROWS_SQL, "-- total\n" + TOTAL_SQL, "-- GPU-hours\n" + GPU_SQL, sep="\n")

@@ -273,7 +273,7 @@ def generate_shapes(n: int, resolution: int = 64, seed: int = 0, tasks=None) -> 
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Write a few synthetic shapes samples (PNG + .txt caption + .json meta).")
+    ap = argparse.ArgumentParser(prog="python -m microdit.shapes", description="Write a few synthetic shapes samples (PNG + .txt caption + .json meta).")
     ap.add_argument("--n", type=int, default=12, help="number of samples")
     ap.add_argument("--resolution", type=int, default=64, help="image side in pixels")
     ap.add_argument("--seed", type=int, default=0, help="same seed -> same images")
