@@ -106,3 +106,28 @@ def test_xl_loss_forward_of_the_cuda_bench_runs_under_cuda_autocast():
         with cuda_autocast(torch.bfloat16):
             loss = edm_loss(model, x, y, EDMConfig(), mask_ratio=0.75, patch_size=model.patch_size)
         assert loss.device.type == "cuda" and loss.dtype == torch.float32 and loss.shape == ()
+
+
+OPS = {
+    "layer_norm": lambda x, w: torch.nn.functional.layer_norm(x.bfloat16(), (8,)),
+    "linear": lambda x, w: torch.nn.functional.linear(x, w),
+    "bmm": lambda x, w: torch.bmm(x[None], w[None]),
+    "softmax": lambda x, w: torch.softmax(x.bfloat16(), -1),
+    "pow": lambda x, w: x.bfloat16() ** 2,
+    "sum": lambda x, w: x.bfloat16().sum(),
+    "exp": lambda x, w: x.bfloat16().exp(),
+    "einsum": lambda x, w: torch.einsum("ij->ji", x),
+    "gelu": lambda x, w: torch.nn.functional.gelu(x.bfloat16()),
+    "add": lambda x, w: x + x.bfloat16(),
+}
+
+
+def test_cpu_emulation_matches_cuda_autocast_op_by_op():
+    def dtypes(device, autocast):
+        with fake_tensors(device):
+            x, w = torch.randn(4, 8), torch.randn(8, 8)
+            with autocast(torch.bfloat16):
+                return {name: op(x, w).dtype for name, op in OPS.items()}
+    cuda = dtypes("cuda", cuda_autocast)
+    assert cuda["layer_norm"] == cuda["softmax"] == cuda["pow"] == torch.float32 and cuda["linear"] == torch.bfloat16
+    assert dtypes("cpu", cpu_autocast_like_cuda) == cuda
