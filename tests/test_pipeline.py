@@ -98,7 +98,7 @@ def test_guidance_changes_the_result_and_decode_matches_the_autoencoder(pipe):
 
 def test_encoder_overrides_and_mismatches(pipe, checkpoint, tmp_path):
     with pytest.raises(ValueError, match="caption_channels=64"):
-        MicroDiTPipeline(pipe.model, pipe.image_autoencoder, _FakeWidth(32))
+        MicroDiTPipeline(pipe.model, image_autoencoder=pipe.image_autoencoder, text_encoder=_FakeWidth(32))
     with pytest.raises(ValueError, match="in_channels=12"):
         MicroDiTPipeline.from_pretrained(str(checkpoint), image_autoencoder="pixel:4")
     # a release-style .pt with the encoders named explicitly

@@ -8,7 +8,7 @@ SUITES = ("shapes", "fid30k", "geneval", "clip")
 
 @dataclass
 class EvalConfig:
-    checkpoint: str                          # model folder (model.safetensors + config.json), hub id or release .pt
+    checkpoint: str                          # our model folder, a diffusers folder, a hub id, or a release .pt (path or <repo id>/<file>)
     suites: tuple = ("shapes",)              # any of shapes | fid30k | geneval | clip
     out_dir: str | None = None               # default: <checkpoint folder>/eval (or <file stem>-eval beside a .pt)
     steps: int = 30                          # EDM Heun steps

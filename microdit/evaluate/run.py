@@ -60,9 +60,10 @@ def default_out_dir(checkpoint: str) -> Path:
 
 def generation_settings(cfg: EvalConfig) -> dict:
     """What the images of a folder depend on; a rerun with other settings must not reuse them."""
-    weights = Path(cfg.checkpoint) / "model.safetensors"
-    if not weights.is_file():
-        weights = Path(cfg.checkpoint)
+    folder = Path(cfg.checkpoint)
+    weights = next((w for w in (folder / "model.safetensors",                                  # our folder
+                                folder / "transformer" / "diffusion_pytorch_model.safetensors")  # diffusers folder
+                    if w.is_file()), folder)
     stamp = [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None
     return {"checkpoint": str(Path(cfg.checkpoint).resolve()) if stamp else cfg.checkpoint, "weights": stamp,
             "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed,
