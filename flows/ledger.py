@@ -276,10 +276,13 @@ def report(*, run_id: str | None = None, profile: str | None = None, db=DEFAULT_
 def project_full_recipe(train_rows: list[dict], prices: PriceList) -> dict:
     """Projected cost of the paper's full recipe from the measured per-stage training throughput.
 
-    GPU-seconds per sample of each measured stage x (recipe steps x batch) x $ per GPU-hour of its GPU.
+    GPU-seconds per sample of each measured stage x (recipe steps x batch) x $ per GPU-hour of its GPU; the
+    steps and batch are the paper recipe's own (microdit.training.config.PAPER_STAGES).
     """
+    from microdit.training.config import PAPER_STAGES
     stages, missing = {}, []
-    for stage, steps in prices.paper_stage_steps.items():
+    for recipe_stage in PAPER_STAGES:
+        stage = recipe_stage.name
         measured = [r for r in train_rows if stage in r["name"] and r["gpu_seconds"] and r["samples"]]
         if not measured:
             missing.append(stage)
@@ -287,7 +290,7 @@ def project_full_recipe(train_rows: list[dict], prices: PriceList) -> dict:
         gpu_s = sum(r["gpu_seconds"] for r in measured)
         samples = sum(r["samples"] for r in measured)
         gpu_type = measured[-1]["gpu_type"]
-        full = steps * prices.paper_batch_size
+        full = recipe_stage.steps * recipe_stage.batch_size
         hours = gpu_s / samples * full / 3600
         stages[stage] = {"gpu_type": gpu_type, "measured_samples": samples,
                          "samples_per_gpu_second": samples / gpu_s, "recipe_samples": full,
@@ -317,7 +320,7 @@ def format_report(rep: Report, title: str = "cost ledger") -> str:
         lines.append(f"GPU {g['gpu_type'] or '?'}: {g['gpu_hours']:.3f} GPU-hours, ${g['gpu_usd']:.2f}")
     p = rep.projection
     if p is not None:
-        lines.append("projected full recipe (measured throughput x recipe steps x batch 2048):")
+        lines.append("projected full recipe (measured throughput x the paper recipe's steps x batch):")
         for name, s in p["stages"].items():
             lines.append(f"  {name}: {s['samples_per_gpu_second']:.1f} samples/GPU-s on {s['gpu_type']} -> "
                          f"{s['gpu_hours']:.1f} GPU-h, ${s['usd']:,.0f}")

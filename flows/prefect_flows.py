@@ -24,7 +24,7 @@ from prefect.exceptions import MissingContextError
 
 from . import ledger, steps
 from .prices import load_prices
-from .profiles import DataSource, Profile, get_profile, usd_per_second
+from .profiles import DataSource, Profile, get_profile
 
 # Skipping is decided by the assets themselves (manifest.json in a config-hashed folder), not by
 # Prefect's result cache: it survives a lost Prefect database and never returns a folder that was deleted.
@@ -33,6 +33,7 @@ TASK = dict(cache_policy=NO_CACHE)
 
 def _setup(profile: str, overrides: dict | None, run_name: str | None, root: str) -> tuple[Profile, Path, str]:
     p = get_profile(profile, overrides)
+    steps.check_resolutions(p)
     run_name = run_name or p.name
     run = steps.run_root(root, run_name, p)
     os.environ.setdefault("RAY_TMPDIR", str(run / "tmp" / "ray"))   # Ray's sockets and logs stay in the run
@@ -139,21 +140,21 @@ def train_flow(profile: str = "local", latents: list[str] | None = None, overrid
     p, run, run_id = _setup(profile, overrides, run_name, root)
     log, db = _log(), _db(root, ledger_db)
     latents = latents or precompute_flow(profile, None, overrides, run_name, root, ledger_db)
-    rate = usd_per_second(p, load_prices())
+    rate = load_prices().usd_per_second(num_gpus=p.num_gpus, gpu_type=p.gpu_type, cpu_cores=p.cpu_cores)
     done, status = [], "complete"
     for cfg in steps.stage_configs(p, [Path(x) for x in latents], run):
         if steps.stage_complete(cfg):
             log.info("skip %s (finished): %s", cfg.name, steps.final_folder(cfg))
             ckpt = str(steps.final_folder(cfg))
         else:
-            guard = None
-            if budget_usd is not None:
-                before = ledger.spent_usd(run_id=run_id, db=db, exclude_lineage=cfg.out_dir)
-                if before >= budget_usd:
-                    status = f"budget ${budget_usd:g} reached before {cfg.name}"
-                    log.warning(status)
-                    break
-                guard = steps.BudgetGuard(budget_usd, before, rate)
+            before = (ledger.spent_usd(run_id=run_id, db=db, exclude_lineage=cfg.out_dir)
+                      if budget_usd is not None else 0.0)
+            start, guard = steps.stage_budget(budget_usd, before, rate)
+            if not start:
+                status = f"budget ${budget_usd:g} reached before {cfg.name}"
+                log.warning(status)
+                break
+            if guard is not None:
                 log.info("%s: $%.6f spent of $%g; training stops before passing it", cfg.name, before, budget_usd)
             train = train_stage_task.with_options(name=f"train-{cfg.name}")
             ckpt = train(cfg, guard, p.launcher, max(p.num_gpus, 1))

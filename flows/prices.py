@@ -14,7 +14,6 @@ from pathlib import Path
 from microdit.manifest import config_hash
 
 DEFAULT_PRICES = Path(__file__).resolve().parent.parent / "infra" / "prices.toml"
-PAPER_STAGE_STEPS = {"stage1": 250_000, "stage2": 30_000, "stage3": 50_000, "stage4": 5_000}
 
 
 @dataclass
@@ -24,9 +23,8 @@ class PriceList:
     gpu_usd_per_hour: dict = field(default_factory=lambda: {"default": 3.78})  # gpu_type -> $ per GPU-hour
     storage_usd_per_gb_month: float = 0.023   # $ per 1e9 bytes per month
     storage_months: float = 1.0               # months of storage charged to each asset
-    paper_reference_usd: float = 1890.0       # the paper's cost of the full recipe
-    paper_batch_size: int = 2048              # global batch of every stage of the full recipe
-    paper_stage_steps: dict = field(default_factory=lambda: dict(PAPER_STAGE_STEPS))  # stage -> steps
+    paper_reference_usd: float = 1890.0       # the paper's cost of the full recipe (its steps and batch: the
+                                              # recipe itself, microdit.training.config.PAPER_STAGES)
     source: str = ""                          # file the prices came from
 
     @property
@@ -50,13 +48,21 @@ class PriceList:
                        f"add it under [gpu] (known: {sorted(table)})")
 
     def price(self, *, cpu_seconds: float, gpu_seconds: float, gpu_type: str, bytes: int) -> dict:
-        """Dollars for one asset: cpu_usd + gpu_usd + storage_usd = total_usd."""
+        """Dollars for one asset: cpu_usd + gpu_usd + storage_usd = total_usd. The one place seconds become
+        dollars: the ledger prices assets with it, the budget guard its rate (`usd_per_second`)."""
         charge_cpu = gpu_seconds <= 0 or self.charge_cpu_on_gpu_steps
         cpu_usd = cpu_seconds / 3600 * self.cpu_usd_per_core_hour if charge_cpu else 0.0
         gpu_usd = gpu_seconds / 3600 * self.gpu_price(gpu_type) if gpu_seconds > 0 else 0.0
         storage_usd = bytes / 1e9 * self.storage_usd_per_gb_month * self.storage_months
         return {"cpu_usd": cpu_usd, "gpu_usd": gpu_usd, "storage_usd": storage_usd,
                 "total_usd": cpu_usd + gpu_usd + storage_usd}
+
+    def usd_per_second(self, *, num_gpus: int, gpu_type: str, cpu_cores: int) -> float:
+        """What one second of a run holding `num_gpus` GPUs (or, with none, `cpu_cores` cores) costs, as the
+        ledger will price it: a GPU run's seconds are GPU-seconds, a CPU run's are core-seconds."""
+        one = self.price(cpu_seconds=0.0 if num_gpus else float(max(cpu_cores, 1)), gpu_seconds=float(num_gpus),
+                         gpu_type=gpu_type, bytes=0)
+        return one["total_usd"]
 
     def rows(self) -> list[tuple[str, float, str]]:
         """(resource, usd, unit) rows for the ledger's `prices` table."""
@@ -80,6 +86,8 @@ def load_prices(path: str | os.PathLike | None = None) -> PriceList:
     pl.storage_usd_per_gb_month = float(storage.get("usd_per_gb_month", pl.storage_usd_per_gb_month))
     pl.storage_months = float(storage.get("months", pl.storage_months))
     pl.paper_reference_usd = float(paper.get("reference_usd", pl.paper_reference_usd))
-    pl.paper_batch_size = int(paper.get("batch_size", pl.paper_batch_size))
-    pl.paper_stage_steps = {str(k): int(v) for k, v in paper.get("stage_steps", pl.paper_stage_steps).items()}
+    copied = sorted(set(paper) & {"batch_size", "stage_steps"})
+    if copied:
+        raise ValueError(f"{path}: [paper] {', '.join(copied)}: the recipe's steps and batch come from "
+                         "microdit/training/config.py (PAPER_STAGES); remove them from the price list")
     return pl

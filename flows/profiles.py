@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
+
+from microdit.configs import check_fields
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,7 @@ class Profile:
         return asdict(self)
 
     def replace(self, **changes) -> "Profile":
-        known = {f.name for f in fields(self)}
-        unknown = set(changes) - known
-        if unknown:
-            raise ValueError(f"unknown profile fields {sorted(unknown)}; known: {sorted(known)}")
+        check_fields(Profile, changes, "profile")
         if "datasets" in changes:
             changes["datasets"] = tuple(d if isinstance(d, DataSource) else DataSource(**d)
                                         for d in changes["datasets"])
@@ -118,13 +117,6 @@ def get_profile(name: str, overrides: dict | None = None) -> Profile:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)} (flows/profiles.py)")
     return PROFILES[name].replace(**(overrides or {}))
-
-
-def usd_per_second(p: Profile, prices) -> float:
-    """What one second of this profile's training costs at `prices` (drives the budget guard)."""
-    if p.num_gpus:
-        return p.num_gpus * prices.gpu_price(p.gpu_type) / 3600
-    return max(p.cpu_cores, 1) * prices.cpu_usd_per_core_hour / 3600
 
 
 def _table() -> str:

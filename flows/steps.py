@@ -133,6 +133,31 @@ class BudgetGuard:
         return stop
 
 
+def stage_budget(budget_usd: float | None, spent_before: float, usd_per_second: float
+                 ) -> tuple[bool, BudgetGuard | None]:
+    """The budget decision before a stage: (may it start, the stop hook that ends it before the budget
+    passes). No budget: start, no hook. Nothing left (spent_before >= budget_usd): do not start."""
+    if budget_usd is None:
+        return True, None
+    if spent_before >= budget_usd:
+        return False, None
+    return True, BudgetGuard(budget_usd, spent_before, usd_per_second)
+
+
+def check_resolutions(profile: Profile) -> None:
+    """Every stage the profile trains must find its resolution among the latents it precomputes: checked
+    before any work starts (ValueError naming both), not discovered after precompute."""
+    from microdit.training.config import STAGES
+    recipe = STAGES[profile.recipe]
+    chosen = [recipe[i - 1] for i in profile.stages if 1 <= i <= len(recipe)] if profile.stages else recipe
+    for s in chosen:
+        res = profile.train_overrides.get("resolution", s.resolution)
+        if res not in profile.resolutions:
+            raise ValueError(f"profile {profile.name!r} precomputes resolutions {tuple(profile.resolutions)} but "
+                             f"recipe {profile.recipe!r} trains {s.name} at {res} px: add {res} to the profile's "
+                             "resolutions (flows/profiles.py) or train that stage at a precomputed one")
+
+
 def train_step(cfg, guard: BudgetGuard | None = None, launcher: str = "inprocess", nproc: int = 1) -> Path:
     """Train (or resume) one stage; returns its final folder, or the checkpoint written when it stopped early.
 

@@ -11,13 +11,15 @@ MicroDiT checkpoints exactly (parameter names and shapes), so their state dicts 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from .configs import check_fields
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,10 +56,7 @@ class MicroDiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MicroDiTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown MicroDiT config fields {sorted(unknown)}; known: {sorted(known)}")
+        check_fields(cls, d, "MicroDiT config")
         d = dict(d)
         for k in ("attn_ratio", "ffn_ratio"):
             if k in d:

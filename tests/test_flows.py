@@ -43,6 +43,43 @@ def test_profiles_and_content_addressed_stages(tmp_path):
     assert g(5, {"step": 5, "wall_seconds": 5.0}) and g.stopped_at == 5   # 0.5 + 6 * 0.1 > 1.0
 
 
+def test_precompute_resolutions_are_checked_against_the_recipe_before_any_work(tmp_path):
+    for name in PROFILES:
+        steps.check_resolutions(get_profile(name))                     # every shipped profile agrees
+    bad = get_profile("local", {"resolutions": [16]})
+    with pytest.raises(ValueError, match=r"\(16,\).*'cpu' trains stage3 at 32 px"):
+        steps.check_resolutions(bad)
+    steps.check_resolutions(bad.replace(stages=[1, 2]))                 # only the 16 px stages: fine
+    steps.check_resolutions(bad.replace(train_overrides={"resolution": 16}))
+    from flows.prefect_flows import _setup
+    with pytest.raises(ValueError, match="stage3"):
+        _setup("local", {"resolutions": [16]}, "r", str(tmp_path))
+    assert not (tmp_path / "r").exists()                                # nothing written before the check
+
+
+def test_budget_decision_and_the_one_price_rate():
+    from flows.prices import load_prices
+    assert steps.stage_budget(None, 5.0, 0.1) == (True, None)
+    assert steps.stage_budget(1.0, 1.0, 0.1) == (False, None)           # nothing left: the stage does not start
+    start, g = steps.stage_budget(1.0, 0.5, 0.1)
+    assert start and (g.budget_usd, g.spent_before, g.rate) == (1.0, 0.5, 0.1)
+    prices = load_prices()
+    for p in (get_profile("paper"), get_profile("local")):
+        rate = prices.usd_per_second(num_gpus=p.num_gpus, gpu_type=p.gpu_type, cpu_cores=p.cpu_cores)
+        gpu_s = 1000.0 * p.num_gpus
+        cpu_s = 0.0 if p.num_gpus else 1000.0 * p.cpu_cores              # what 1000 s of the run records
+        ledger_usd = prices.price(cpu_seconds=cpu_s, gpu_seconds=gpu_s, gpu_type=p.gpu_type, bytes=0)["total_usd"]
+        assert rate > 0 and math.isclose(1000 * rate, ledger_usd, rel_tol=1e-12)
+
+
+def test_the_price_list_does_not_copy_the_recipe(tmp_path):
+    from flows.prices import load_prices
+    bad = tmp_path / "prices.toml"
+    bad.write_text("[paper]\nreference_usd = 1890.0\nstage_steps = { stage1 = 1 }\n")
+    with pytest.raises(ValueError, match="stage_steps.*PAPER_STAGES"):
+        load_prices(bad)
+
+
 @pytest.fixture(scope="module")
 def harness():
     from prefect.testing.utilities import prefect_test_harness

@@ -14,8 +14,10 @@ cumulatively within a resolution: stage 2 "to 280K" = 30K steps here).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+from ..configs import check_fields
 
 
 @dataclass
@@ -78,10 +80,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        check_fields(cls, d, "TrainConfig")
         d = dict(d)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
