@@ -136,6 +136,9 @@ def test_fid_and_clip_suites_on_a_tiny_coco(checkpoint, tmp_path):
     at = next(i for i, line in enumerate(printed) if "FID" in line)
     assert printed[at + 1].strip().startswith("protocol: COCO-2014 val FID") and str(files[0]) in printed[at + 1]
     assert "16 px" in printed[at + 1] and "8 images" in printed[at + 1]
+    metrics = Manifest.read(tmp_path / "eval").metrics                    # what the cost ledger records
+    assert metrics["fid30k/fid"] == report["suites"]["fid30k"]["fid"]
+    assert printed[at + 1].strip() == "protocol: " + metrics["fid30k/protocol"]
 
 
 def test_clip_score_range_and_errors():

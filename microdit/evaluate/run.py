@@ -230,6 +230,9 @@ def _metrics(report: dict) -> dict:
         for key in ("overall", "fd", "fid", "clip_score"):
             if key in r:
                 m[f"{suite}/{key}"] = r[key]
+        if "fid" in r and "protocol" in r:                  # an FID travels with its protocol (ledger included)
+            from .coco import protocol_line
+            m[f"{suite}/protocol"] = protocol_line(r["protocol"])
         for tag, t in r.get("tasks", {}).items():
             m[f"{suite}/{tag}"] = t["score"]
     return m
