@@ -138,7 +138,10 @@ def bench_convert(root: Path, raw: Path, samples: int, unit: int = 50, rounds: i
     from microdit.ray_cluster import ray_session
 
     from .convert import UNITS_DIR, ConvertConfig, convert
-    res = {w: {"records": 0, "steady_seconds": 0.0, "wall": 0.0} for w in (1, 2)}
+    # Ray starts its workers 15 nice levels below the driver; on a busy machine that alone starves them.
+    # Here they run at the driver's priority, as the plain-process control does (run the bench under `nice`).
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    res = {w: {"records": 0, "steady_seconds": 0.0, "wall": 0.0, "worker_cpu": 0.0} for w in (1, 2)}
     with ray_session(num_cpus=2):
         for r in range(rounds):
             for workers in (1, 2):
@@ -147,8 +150,9 @@ def bench_convert(root: Path, raw: Path, samples: int, unit: int = 50, rounds: i
                 convert(ConvertConfig(str(raw), str(out), source="noise", min_size=256, short_side=256,
                                       shard_samples=unit, workers=workers), progress=False)
                 wall = time.time() - t0
-                steady, used = unit_throughput([json.loads(p.read_text()) for p in (out / UNITS_DIR).glob("0*.json")],
-                                               "kept")
+                infos = [json.loads(p.read_text()) for p in (out / UNITS_DIR).glob("0*.json")]
+                steady, used = unit_throughput(infos, "kept")
+                res[workers]["worker_cpu"] += sum(i["cpu_seconds"] for i in infos)
                 res[workers]["records"] += samples
                 res[workers]["steady_seconds"] += samples / steady
                 res[workers]["wall"] += wall
@@ -156,6 +160,7 @@ def bench_convert(root: Path, raw: Path, samples: int, unit: int = 50, rounds: i
                       f"{samples / wall:7.1f} records/s ({wall:.1f} s, {used} worker(s) did work)")
     for w in res.values():
         w["steady"], w["end_to_end"] = w["records"] / w["steady_seconds"], w["records"] / w["wall"]
+        w["cpu_ms_per_record"] = 1000 * w["worker_cpu"] / w["records"]
     return res
 
 
@@ -224,6 +229,8 @@ def main(argv=None) -> None:
                   f"{r[2]['end_to_end'] / r[1]['end_to_end']:.2f}x end to end (target >= 1.6x steady)")
             print(f"  the machine's ceiling (2 plain processes / 1, same work, no Ray): {before:.2f}x before, "
                   f"{cpu_ceiling(raw):.2f}x after")
+            print(f"  worker CPU per record: {r[1]['cpu_ms_per_record']:.2f} ms with 1 worker, "
+                  f"{r[2]['cpu_ms_per_record']:.2f} ms with 2 (equal: a second worker adds no work of its own)")
             return
         print(f"making {a.samples} shapes samples ...")
         conv = make_shapes_set(root, a.samples)
