@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
 from microdit.cli import UserError
+from microdit.manifest import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,10 @@ def _download_resuming(url: str, part: Path, timeout: float, progress: bool, nam
     """Bring `part` to the whole file: continue it with a Range request when its validators still hold."""
     meta_path = _validators_path(part)
     have = part.stat().st_size if part.exists() else 0
-    meta = json.loads(meta_path.read_text()) if have and meta_path.exists() else {}
+    try:
+        meta = json.loads(meta_path.read_text()) if have and meta_path.exists() else {}
+    except (OSError, ValueError):                          # unreadable: treated as absent (start over)
+        meta = {}
     validator = meta.get("etag") or meta.get("last_modified")
     if have and not (validator and meta.get("length")):
         _discard(part)                                     # nothing to check a continuation against: start over
@@ -162,7 +166,7 @@ def _download_resuming(url: str, part: Path, timeout: float, progress: bool, nam
         else:                                              # 200: the whole file (Range ignored, or file changed)
             have, total, mode = 0, length, "wb"
             meta = {"etag": etag, "last_modified": r.headers.get("Last-Modified"), "length": total}
-            meta_path.write_text(json.dumps(meta))
+            write_json_atomic(meta_path, meta)
         bar = _bar(total, name, progress)
         bar.update(have)
         with open(part, mode) as f:

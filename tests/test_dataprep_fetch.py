@@ -161,6 +161,10 @@ def test_partial_without_validators_is_not_trusted(server, tmp_path):
     (tmp_path / "a.tar.part").write_bytes(b"junk" * 100)          # no .part.json: cannot be checked
     dest = fetch_url(f"{server.base}/a.tar", tmp_path / "a.tar", retries=0, progress=False)
     assert dest.read_bytes() == body and server.requests[-1][1] is None
+    (tmp_path / "b.tar.part").write_bytes(b"junk" * 100)
+    (tmp_path / "b.tar.part.json").write_text('{"etag": "x", "len')  # cut short by a kill: unreadable
+    server.files["b.tar"] = body
+    assert fetch_url(f"{server.base}/b.tar", tmp_path / "b.tar", retries=0, progress=False).read_bytes() == body
 
 
 # ------------------------------------------------------------------------------------------------
