@@ -165,7 +165,7 @@ def estimate(w: Workload, world_size: int = 8, strategy: str = "fsdp", ema: bool
 def workload_of(cfg, world_size: int, latent_channels: int = 4, downsample: int = 8, caption_len: int = 77,
                 caption_channels: int = 1024) -> tuple[Workload, int]:
     """The Workload of a TrainConfig on `world_size` ranks, and its gradient-accumulation steps."""
-    from .training.loop import batch_split
+    from .training.config import batch_split
     micro, accum = batch_split(cfg, world_size)
     return Workload(preset=cfg.preset, resolution=cfg.resolution, downsample=downsample,
                     latent_channels=latent_channels, caption_len=caption_len, caption_channels=caption_channels,

@@ -10,7 +10,8 @@ import torch
 
 from microdit.model import create_model
 from microdit.training.stages import run_stages
-from microdit.training.loop import TrainingDiverged, batch_split, build_model, train
+from microdit.training.config import batch_split
+from microdit.training.loop import TrainingDiverged, build_model, train
 from microdit.training import config as config_module
 from microdit.training.config import CPU_STAGES, PAPER_STAGES, TrainConfig
 from microdit.training.optim import EMA, lr_factor, make_optimizer

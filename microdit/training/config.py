@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..configs import check_fields
+from ..edm import EDMConfig
 
 
 @dataclass
@@ -107,6 +108,23 @@ class TrainConfig:
         if self.data_proportions and len(self.data_proportions) != len(self.data):
             raise ValueError(f"TrainConfig.data_proportions has {len(self.data_proportions)} entries for "
                              f"{len(self.data)} data sets")
+
+
+def batch_split(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(per-rank micro-batch, accumulation steps) with micro * steps * world = global batch."""
+    per_rank, rem = divmod(cfg.batch_size, world_size)
+    if rem:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {world_size}")
+    micro = min(cfg.micro_batch_size, per_rank) if cfg.micro_batch_size else per_rank   # an upper bound
+    if per_rank % micro:
+        raise ValueError(f"per-rank batch {per_rank} (batch_size / world size) is not a multiple of "
+                         f"micro_batch_size {micro}")
+    return micro, per_rank // micro
+
+
+def edm_config(cfg: TrainConfig) -> EDMConfig:
+    """The stage's EDM settings (sigma_data and the training noise distribution)."""
+    return EDMConfig(sigma_data=cfg.sigma_data, P_mean=cfg.P_mean, P_std=cfg.P_std)
 
 
 # --------------------------------------------------------------------------------------------

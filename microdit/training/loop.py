@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..edm import EDMConfig, edm_loss
+from ..edm import edm_loss
 from ..manifest import CostMeter, Manifest, folder_bytes, read_manifest
 from . import distributed as dist_utils
-from .config import TrainConfig
+from .config import TrainConfig, batch_split, edm_config
 from .optim import EMA, make_optimizer, make_scheduler
 from .sharded import CheckpointWriter, load_latest, load_train_tensors, train_tensors
 from .state import (CONFIG_NAME, clean_partial, latest_checkpoint, rng_state, set_rng_state, slot_generators,
@@ -58,22 +58,6 @@ def build_model(cfg: TrainConfig, schema):
                              f"{cfg.model_overrides}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.set_resolution(latent_res, cfg.pos_interp_scale)
     return model
-
-
-def batch_split(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(per-rank micro-batch, accumulation steps) with micro * steps * world = global batch."""
-    per_rank, rem = divmod(cfg.batch_size, world_size)
-    if rem:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {world_size}")
-    micro = min(cfg.micro_batch_size, per_rank) if cfg.micro_batch_size else per_rank   # an upper bound
-    if per_rank % micro:
-        raise ValueError(f"per-rank batch {per_rank} (batch_size / world size) is not a multiple of "
-                         f"micro_batch_size {micro}")
-    return micro, per_rank // micro
-
-
-def edm_config(cfg: TrainConfig) -> EDMConfig:
-    return EDMConfig(sigma_data=cfg.sigma_data, P_mean=cfg.P_mean, P_std=cfg.P_std)
 
 
 def _infinite(loader):
