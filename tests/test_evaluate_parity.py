@@ -123,7 +123,7 @@ def _results_file(path, rng):
     return path
 
 
-def test_geneval_summary_equals_the_benchmark_rules_on_its_results_file(tmp_path):
+def test_geneval_summary_equals_the_benchmark_rules_on_its_results_file(tmp_path, capsys):
     from microdit.evaluate.rules import summarize, summarize_file
     for seed in range(3):
         path = _results_file(tmp_path / f"results{seed}.jsonl", np.random.default_rng(seed))
@@ -135,6 +135,10 @@ def test_geneval_summary_equals_the_benchmark_rules_on_its_results_file(tmp_path
         assert ours["overall"] != pytest.approx(ours["correct_images"])      # the task mean, not the image mean
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert summarize(records) == summarize_file(path)
+    from microdit.evaluate.summary import main
+    main([str(path)])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"Total images: {theirs['images']}" and printed[-1].endswith(f"{theirs['overall']:.5f}")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"tag": "colors"}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl line 1"):

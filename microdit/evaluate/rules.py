@@ -149,3 +149,4 @@ def summarize_file(path) -> dict:
         r.setdefault("prompt", json.loads(r["metadata"]).get("prompt") if isinstance(r.get("metadata"), str) else "")
         results.append(r)
     return summarize(results)
+
