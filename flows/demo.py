@@ -172,22 +172,74 @@ def run_demo(profile: str = "local", overrides: dict | None = None, run_name: st
         print(f"[demo] prefect deployment run {deployment} --params '{json.dumps(params)}' --watch", flush=True)
         cmd = [sys.executable, "-m", "prefect", "deployment", "run", deployment, "--params", json.dumps(params),
                "--watch", "--watch-timeout", str(int(timeout))]
-        r = subprocess.run(cmd, env=env, cwd=ROOT, text=True, capture_output=True, timeout=timeout + 60)
-        print("\n".join(line for line in r.stdout.splitlines() if line.strip())[-2000:], flush=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"the flow run did not complete (exit {r.returncode}); the worker's log "
-                               f"(runs/prefect/worker.log) ends with:\n{worker.tail(60)}\n{r.stderr[-2000:]}")
+        rc, watch_log = watch_run(cmd, env, runs / run_name, runs / "prefect" / "watch.log", timeout)
+        flow_run_id = flow_run_id_from(watch_log.read_text(errors="replace"))
+        if rc != 0:
+            raise RuntimeError(f"the flow run did not complete (exit {rc}); the worker's log "
+                               f"(runs/prefect/worker.log) ends with:\n{worker.tail(60)}\n"
+                               f"{watch_log.read_text(errors='replace')[-2000:]}")
+        reopen = {"flow_run_id": flow_run_id, "run_dir": str(runs / run_name), "prefect_home": env["PREFECT_HOME"]}
         summary_path = runs / run_name / "summary.json"
         if deployment != "micro-budget/full" or not summary_path.exists():
-            return {"deployment": deployment, "state": "Completed", "demo_wall_seconds": time.time() - t0}
+            return {"deployment": deployment, "state": "Completed", "demo_wall_seconds": time.time() - t0,
+                    "reopen": reopen}
         summary = json.loads(summary_path.read_text())
         summary["demo_wall_seconds"] = time.time() - t0
+        summary["reopen"] = reopen
         return summary
     finally:
         for s in reversed(services):
             s.stop()
         print(f"[demo] stopped {', '.join(f'{s.name} (pid {s.pid})' for s in reversed(services)) or 'nothing'}",
               flush=True)
+
+
+def watch_run(cmd: list[str], env: dict, run_dir: Path, log: Path, timeout: float) -> tuple[int, Path]:
+    """Run `prefect deployment run --watch` (its output to `log`) while showing the run's own progress:
+    each step as it starts and ends, and one live line for the running stage (flows/progress.py)."""
+    from .progress import Follower
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "progress.jsonl").unlink(missing_ok=True)         # this run's events only
+    follower = Follower(run_dir)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, text=True,
+                                stdin=subprocess.DEVNULL)
+        deadline = time.time() + timeout + 60
+        try:
+            while proc.poll() is None:
+                follower.poll()
+                if time.time() > deadline:
+                    proc.kill()
+                    break
+                time.sleep(1.0)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            follower.close()
+    return proc.returncode, log
+
+
+def flow_run_id_from(text: str) -> str | None:
+    """The flow run's UUID from `prefect deployment run`'s output."""
+    import re
+    m = re.search(r"UUID:\s*([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})", text)
+    return m.group(1) if m else None
+
+
+def reopen_commands(reopen: dict) -> list[str]:
+    """How to look at a finished run again: the Prefect UI on its flow run, TensorBoard on its stages."""
+    rel = lambda p: os.path.relpath(p, ROOT) if str(p).startswith(str(ROOT)) else str(p)    # noqa: E731
+    py = rel(sys.executable)
+    out = [f"Prefect UI:   PREFECT_HOME={rel(reopen['prefect_home'])} {py} -m prefect server start "
+           "--host 127.0.0.1 --port 4200"]
+    if reopen.get("flow_run_id"):
+        out.append(f"              then open http://127.0.0.1:4200/runs/flow-run/{reopen['flow_run_id']} "
+                   "(artifacts: progress, per-stage figures, scores, cost table)")
+    out.append(f"TensorBoard:  {py} -m tensorboard.main --logdir {rel(reopen['run_dir'])}/train --host 127.0.0.1")
+    out.append(f"Progress log: {rel(reopen['run_dir'])}/progress.jsonl (python -m flows.progress "
+               f"{rel(reopen['run_dir'])} follows a running one)")
+    return out
 
 
 def print_result(summary: dict) -> None:
@@ -212,6 +264,10 @@ def print_result(summary: dict) -> None:
           f"--run {summary['run']})")
     if "demo_wall_seconds" in summary:
         print(f"demo wall time: {summary['demo_wall_seconds']:.0f} s")
+    if summary.get("reopen"):
+        print("\nLook again later:")
+        for line in reopen_commands(summary["reopen"]):
+            print(line)
 
 
 def format_scores(report: dict, prefix: str = "") -> list[str]:
@@ -264,6 +320,8 @@ def main(argv=None) -> int:
         print_result(summary)
     else:
         print(f"[demo] {summary['deployment']}: {summary['state']} in {summary['demo_wall_seconds']:.0f} s")
+        for line in reopen_commands(summary["reopen"]):
+            print(line)
     return 0
 
 

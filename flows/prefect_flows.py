@@ -15,14 +15,19 @@ import argparse
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
+    update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.exceptions import MissingContextError
 
-from . import ledger, steps
+from microdit.manifest import read_manifest
+
+from . import ledger, progress, steps
 from .prices import load_prices
 from .profiles import DataSource, Profile, get_profile
 
@@ -65,27 +70,62 @@ def _flow_run_id() -> str | None:
 
 @task(name="download", **TASK)
 def download_task(p: Profile, source, run: Path) -> str:
-    folder, skipped = steps.download_step(p, source, run)
+    with progress.step_events(run, "download", dataset=source.dataset):
+        folder, skipped = steps.download_step(p, source, run)
     _log().info("%s %s", "skip (finished)" if skipped else "downloaded", folder)
     return str(folder)
 
 
 @task(name="precompute", **TASK)
 def precompute_task(p: Profile, raw: str, run: Path) -> str:
-    folder, skipped = steps.precompute_step(p, Path(raw), run)
+    with progress.step_events(run, "precompute"):
+        folder, skipped = steps.precompute_step(p, Path(raw), run)
     _log().info("%s %s", "skip (finished)" if skipped else "precomputed", folder)
     return str(folder)
 
 
 @task(name="train-stage", **TASK)
 def train_stage_task(cfg, guard: steps.BudgetGuard | None = None, launcher: str = "inprocess",
-                     nproc: int = 1) -> str:
-    return str(steps.train_step(cfg, guard, launcher, nproc))
+                     nproc: int = 1, run: Path | None = None) -> str:
+    hook = StageProgressArtifact(cfg)
+    if run is None:
+        return str(steps.train_step(cfg, guard, launcher, nproc, on_step=hook))
+    with progress.step_events(run, f"train:{cfg.name}", out_dir=cfg.out_dir, steps=cfg.steps,
+                              batch_size=cfg.batch_size):
+        out = str(steps.train_step(cfg, guard, launcher, nproc, on_step=hook))
+    if steps.stage_complete(cfg):
+        hook(cfg.steps, {"loss": (read_manifest(out).metrics.get("final_loss") or float("nan"))})
+    return out
+
+
+class StageProgressArtifact:
+    """A Prefect progress artifact per stage (key progress-<stage>), updated from the trainer's step hook."""
+
+    def __init__(self, cfg, every_seconds: float = 5.0):
+        self.cfg, self.every, self.last, self.id = cfg, every_seconds, 0.0, None
+
+    def __call__(self, step: int, state: dict) -> None:
+        now = time.monotonic()
+        if self.id is not None and now - self.last < self.every and step < self.cfg.steps:
+            return
+        self.last = now
+        text = f"{self.cfg.name}: step {step}/{self.cfg.steps}, loss {state.get('loss', float('nan')):.4f}"
+        pct = min(100.0, 100.0 * step / max(1, self.cfg.steps))
+        try:
+            if self.id is None:
+                self.id = create_progress_artifact(pct, key=f"progress-{self.cfg.name}", description=text)
+            else:
+                update_progress_artifact(self.id, pct, description=text)
+        except Exception as e:  # progress display must never stop training
+            _log().warning("progress artifact not updated: %s", e)
+            self.id, self.every = self.id or "off", float("inf")
 
 
 @task(name="evaluate", **TASK)
 def evaluate_task(p: Profile, checkpoint: str, run: Path, reference: str | None = None) -> tuple[str, dict]:
-    folder, report, skipped = steps.evaluate_step(p, Path(checkpoint), run, Path(reference) if reference else None)
+    with progress.step_events(run, "evaluate", suites=list(p.eval_suites)):
+        folder, report, skipped = steps.evaluate_step(p, Path(checkpoint), run,
+                                                      Path(reference) if reference else None)
     _log().info("%s %s", "skip (finished)" if skipped else "evaluated", folder)
     return str(folder), report
 
@@ -145,6 +185,7 @@ def train_flow(profile: str = "local", latents: list[str] | None = None, overrid
     for cfg in steps.stage_configs(p, [Path(x) for x in latents], run):
         if steps.stage_complete(cfg):
             log.info("skip %s (finished): %s", cfg.name, steps.final_folder(cfg))
+            progress.record(run, f"train:{cfg.name}", "skip")
             ckpt = str(steps.final_folder(cfg))
         else:
             before = (ledger.spent_usd(run_id=run_id, db=db, exclude_lineage=cfg.out_dir)
@@ -157,7 +198,8 @@ def train_flow(profile: str = "local", latents: list[str] | None = None, overrid
             if guard is not None:
                 log.info("%s: $%.6f spent of $%g; training stops before passing it", cfg.name, before, budget_usd)
             train = train_stage_task.with_options(name=f"train-{cfg.name}")
-            ckpt = train(cfg, guard, p.launcher, max(p.num_gpus, 1))
+            ckpt = train(cfg, guard, p.launcher, max(p.num_gpus, 1), run)
+            stage_artifact(cfg, ckpt)
         record_task([ckpt], f"train:{cfg.name}", p.name, run_id, db)
         done.append(ckpt)
         if not steps.stage_complete(cfg):
@@ -199,8 +241,54 @@ def full_flow(profile: str = "local", overrides: dict | None = None, run_name: s
                "latents": latents, "training": trained, "evaluation": evaluation, "costs": rep.to_dict(),
                "cost_table": ledger.format_report(rep, f"cost ledger {db} run={run_id}")}
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    run_artifacts(rep, evaluation)
     print(summary["cost_table"])
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Artifacts: what the Prefect UI shows for a run (per stage, the scores, the cost table)
+# ----------------------------------------------------------------------------------------------------
+
+def stage_artifact(cfg, ckpt: str) -> None:
+    """Markdown artifact `stage-<name>`: the stage's figures and its sample grid."""
+    m = read_manifest(ckpt)
+    if m is None:
+        return
+    mt = m.metrics
+    grid = Path(cfg.out_dir) / "samples" / "final.png"
+    md = (f"### {cfg.name}: {mt.get('steps')} steps at {cfg.resolution} px, mask {cfg.mask_ratio}\n\n"
+          f"| wall s | samples/s | train loss (last 20) | val loss start | val loss end |\n|---|---|---|---|---|\n"
+          f"| {m.wall_seconds:.0f} | {mt.get('samples_per_s') or 0:.0f} | {_num(mt.get('final_loss'))} | "
+          f"{_num(mt.get('val_loss_start'))} | {_num(mt.get('val_loss_end'))} |\n\n"
+          f"Checkpoint: `{ckpt}`" + (f"\n\nSample grid: [{grid}](file://{grid})" if grid.exists() else ""))
+    create_markdown_artifact(md, key=f"stage-{cfg.name}", description=f"training {cfg.name}")
+
+
+def run_artifacts(rep, evaluation: dict | None) -> None:
+    """Table artifact `cost-table` (the ledger's rows and total) and markdown artifact `scores`."""
+    rows = [{k: r.get(k) for k in ("step", "assets", "samples", "wall_s", "gpu_hours", "total_usd")} for r in rep.rows]
+    rows.append({"step": "total", "assets": rep.total.get("assets"), "samples": None,
+                 "wall_s": rep.total.get("wall_s"), "gpu_hours": rep.total.get("gpu_hours"),
+                 "total_usd": rep.total.get("total_usd")})
+    create_table_artifact(rows, key="cost-table", description="cost of every asset of the run, by step (DuckDB ledger)")
+    if not evaluation:
+        return
+    folder = Path(evaluation["folder"])
+    lines = ["### Evaluation", "", "| suite | score | value |", "|---|---|---|"]
+    for suite, res in (evaluation["report"].get("suites") or {}).items():
+        for k, v in res.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                lines.append(f"| {suite} | {k} | {_num(v)} |")
+            elif isinstance(v, dict) and k == "tasks":
+                lines += [f"| {suite} | {t} | {_num(x)} |" for t, x in v.items() if isinstance(x, (int, float))]
+    grids = sorted(folder.rglob("*grid*.png"))
+    lines += ["", *(f"- [{g.name}](file://{g})" for g in grids)]
+    create_markdown_artifact("\n".join(lines), key="scores", description=f"evaluation report {folder}")
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
 FLOWS = {"full": full_flow, "data": data_flow, "precompute": precompute_flow, "train": train_flow}

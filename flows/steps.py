@@ -158,8 +158,23 @@ def check_resolutions(profile: Profile) -> None:
                              "resolutions (flows/profiles.py) or train that stage at a precomputed one")
 
 
-def train_step(cfg, guard: BudgetGuard | None = None, launcher: str = "inprocess", nproc: int = 1) -> Path:
+class StepHooks:
+    """The trainer's should_stop(step, state): calls `on_step` (display), then asks `guard` (budget)."""
+
+    def __init__(self, on_step=None, guard=None):
+        self.on_step, self.guard = on_step, guard
+
+    def __call__(self, step: int, state: dict) -> bool:
+        if self.on_step is not None:
+            self.on_step(step, state)
+        return bool(self.guard(step, state)) if self.guard is not None else False
+
+
+def train_step(cfg, guard: BudgetGuard | None = None, launcher: str = "inprocess", nproc: int = 1,
+               on_step=None) -> Path:
     """Train (or resume) one stage; returns its final folder, or the checkpoint written when it stopped early.
+
+    on_step(step, state), if given, is called after every optimizer step of an in-process run (progress display).
 
     launcher "inprocess": microdit.training.loop.train in this process, the guard as its stop hook (CPU, one GPU).
     launcher "torchrun": infra/torchrun.sh on this node's `nproc` GPUs; the guard becomes the stage's
@@ -167,7 +182,7 @@ def train_step(cfg, guard: BudgetGuard | None = None, launcher: str = "inprocess
     """
     if launcher == "inprocess":
         from microdit.training.loop import train
-        return Path(train(cfg, should_stop=guard))
+        return Path(train(cfg, should_stop=StepHooks(on_step, guard)))
     if launcher != "torchrun":
         raise ValueError(f"unknown launcher {launcher!r}: use 'inprocess' or 'torchrun'")
     if guard is not None:

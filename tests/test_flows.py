@@ -102,6 +102,17 @@ def test_local_flow_end_to_end_rerun_and_budget(harness, tmp_path):
     assert math.isclose(sum(r["total_usd"] for r in rows), total["total_usd"], rel_tol=1e-9)
     assert total["total_usd"] > 0 and total["assets"] == 7
     assert json.loads((root / "t" / "summary.json").read_text())["costs"]["total"] == total
+    # what a person sees: every step's start and end in the run folder, and the run's Prefect artifacts
+    events = [json.loads(ln) for ln in (root / "t" / "progress.jsonl").read_text().splitlines()]
+    assert {"download", "precompute", "train:stage1", "train:stage4", "evaluate"} <= \
+        {e["step"] for e in events if e["event"] == "end"}
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    wanted = ["cost-table", "scores", "stage-stage1", "stage-stage4", "progress-stage1", "progress-stage4"]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=wanted)))
+    assert {a.key for a in found} == set(wanted)
+    assert max(a.data for a in found if a.key == "progress-stage4") == 100.0
 
     # a second run skips every finished asset and records nothing new
     again = full_flow(profile="local", overrides=TINY, run_name="t", root=str(root))
