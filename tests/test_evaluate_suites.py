@@ -82,6 +82,12 @@ def _tiny_coco(root, n_images=12):
     return root
 
 
+def test_an_unknown_option_is_named_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown EvalConfig fields \['stepz'\]"):
+        evaluate(str(tmp_path / "ckpt"), ["shapes"], str(tmp_path / "out"), stepz=3)
+    assert not (tmp_path / "out").exists()
+
+
 def test_caption_sampling_is_seeded_and_distinct(tmp_path):
     root = _tiny_coco(tmp_path / "coco")
     cap, img = root / "annotations" / "captions_val2014.json", root / "val2014"

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 
+from microdit.configs import check_fields
 from microdit.manifest import CostMeter, Manifest, folder_bytes, write_json_atomic, write_png_atomic
 from microdit.sampling import image_grid
 
@@ -241,6 +242,7 @@ def _metrics(report: dict) -> dict:
 def evaluate(checkpoint: str, suites=("shapes",), out_dir: str | None = None, **options) -> dict:
     """Run the suites on a checkpoint; returns the report (also written to <out_dir>/report.json)."""
     import torch
+    check_fields(EvalConfig, options, "EvalConfig")
     cfg = EvalConfig(checkpoint=str(checkpoint), suites=tuple(suites), out_dir=out_dir, **options)
     out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
