@@ -279,10 +279,11 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="same seed -> same images")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
+    from .manifest import write_png_atomic
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, s in enumerate(generate_shapes(args.n, args.resolution, args.seed)):
-        s.image.save(out / f"{i:05d}.png")
+        write_png_atomic(out / f"{i:05d}.png", s.image)
         (out / f"{i:05d}.txt").write_text(s.caption)
         (out / f"{i:05d}.json").write_text(json.dumps(s.meta))
     print(f"wrote {args.n} samples to {out}")
