@@ -204,6 +204,8 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
             f.unlink()
     if skipped and progress:
         print(f"convert {source}: kept {kept}, skipped {skipped}")
+    if kept == 0:                          # no manifest: nothing downstream may take this for a finished set
+        raise UserError(nothing_kept(cfg, skipped, examples))
     worker_cpu = sum(i["cpu_seconds"] for i in infos if i["name"] in {u.name for u in todo}) if elsewhere else 0.0
     Manifest(kind="raw", name=f"{source}-converted", config={**asdict(cfg), "convert_hash": ident},
              parents=[str(cfg.input)], samples=kept, skipped=skipped, bytes=folder_bytes(out),
@@ -212,6 +214,29 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
                       "units": len(units), "units_this_run": len(todo), "examples": examples,
                       "worker_seconds": sum(i["seconds"] for i in infos)}).write(out)
     return out
+
+
+# What to change when every record of a set is skipped for one reason (the flag, or the input itself).
+REMEDY = {
+    "image_too_small": "lower --min-size (now {min_size}) to at most your images' short side",
+    "image_missing": "check --input: each record needs an image file beside its caption",
+    "image_corrupt": "check --input: the images do not decode",
+    "image_truncated": "check --input: the image files are cut short",
+    "caption_missing": "give each image a caption (<name>.txt beside <name>.jpg, or a caption column)",
+    "caption_empty": "give each image a non-empty caption",
+    "caption_not_utf8": "save the captions as UTF-8 text",
+    "duplicate_id": "give the samples distinct ids (or file names)",
+}
+
+
+def nothing_kept(cfg: ConvertConfig, skipped: dict, examples: dict) -> str:
+    """The one-line error when a conversion keeps no sample: the main reason, an example, what to change."""
+    if not skipped:
+        return f"--input {cfg.input}: no records found (check the folder and --layout)"
+    reason = max(skipped, key=skipped.get)
+    example = (examples.get(reason) or [""])[0]
+    return (f"--input {cfg.input}: kept 0 samples, skipped {skipped}" + (f" (e.g. {example})" if example else "")
+            + f": {REMEDY.get(reason, 'see the reasons above').format(min_size=cfg.min_size)}")
 
 
 def _check(cfg: ConvertConfig) -> None:

@@ -180,11 +180,18 @@ CPU_STAGES: list[TrainConfig] = [
                 schedule="constant", grad_clip=1.0, ema_decay=0.95),
 ]
 
-STAGES: dict[str, list[TrainConfig]] = {"paper": PAPER_STAGES, "cpu": CPU_STAGES}
+# A quick run for a small set of your own (docs/your-data.md): one unmasked stage at 16 px, no masking and
+# no 32 px hand-over. 1,000 steps drew readable 16 px digits from 1,797 scans in minutes on 2 cores.
+QUICK_STAGES: list[TrainConfig] = [
+    TrainConfig(name="quick", **_CPU_COMMON, **_CPU_LOW, mask_ratio=0.0, steps=1000, lr=1e-3,
+                schedule="cosine", warmup_steps=50, final_lr_fraction=0.33, grad_clip=1.0),
+]
+
+STAGES: dict[str, list[TrainConfig]] = {"paper": PAPER_STAGES, "cpu": CPU_STAGES, "quick": QUICK_STAGES}
 
 
 def stage_configs(recipe: str, data: list, out_dir: str, val_data: str = "", **overrides) -> list[TrainConfig]:
-    """The four stages of `recipe` ("paper" or "cpu") on `data`, each in out_dir/<stage name>.
+    """The stages of `recipe` ("paper" or "cpu": four; "quick": one) on `data`, each in out_dir/<stage name>.
 
     Stage i+1 starts from stage i's final weights (`init_from` is filled in by `run_stages`).
     """

@@ -32,11 +32,32 @@ __all__ = ["TrainConfig", "STAGES", "train", "run_stages", "stage_summary", "ray
 #                                       Several stages
 # --------------------------------------------------------------------------------------------
 
+def check_stage_data(stages: list[TrainConfig]) -> None:
+    """Every stage's latent sets (and validation set) hold its resolution: checked before stage 1 trains,
+    so a missing 32 px column is an error now, not after the 16 px stages. UserError names what to change."""
+    from ..cli import UserError
+    from ..data import open_latent_sets
+    from ..schema import LatentSchema
+    for cfg in stages:
+        for folder in [*cfg.data, *([cfg.val_data] if cfg.val_data else [])]:
+            have = [int(r) for r in LatentSchema.read(folder).resolutions]
+            if int(cfg.resolution) not in have:
+                low = [s.name for s in stages if int(s.resolution) in have]
+                raise UserError(
+                    f"{cfg.name} trains at {cfg.resolution} px but {folder} has latents for {have} px only: "
+                    f"precompute it with --resolutions {' '.join(str(r) for r in sorted({*have, cfg.resolution}))}"
+                    + (f", or train only {' '.join(low)} (--stages)" if low else "")
+                    + ", or use --recipe quick (one 16 px stage)")
+        open_latent_sets(cfg.data, cfg.resolution)            # shards agree with their schema.json
+
+
 def run_stages(stages: list[TrainConfig], should_stop=None) -> list[Path]:
     """Train the stages in order, each from the previous one's final weights; returns the final folders.
 
-    A stage stopped early (should_stop / max_wall_seconds) ends the run: later stages need its weights.
+    Every stage's data is checked first (check_stage_data). A stage stopped early (should_stop /
+    max_wall_seconds) ends the run: later stages need its weights.
     """
+    check_stage_data(stages)
     finals: list[Path] = []
     for i, cfg in enumerate(stages):
         if i > 0 and not cfg.init_from:
@@ -108,7 +129,9 @@ def _parse_value(v: str):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m microdit.training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", choices=sorted(STAGES), help="the four-stage recipe: paper or cpu")
+    p.add_argument("--recipe", choices=sorted(STAGES),
+                   help="paper or cpu (four stages, 16/32 px on CPU), or quick (one unmasked 16 px stage, "
+                        "for a small set of your own: docs/your-data.md)")
     p.add_argument("--stages", type=int, nargs="+", help="which stages of the recipe (1-4; default all)")
     p.add_argument("--config", help="one stage from a TrainConfig JSON file (instead of --recipe)")
     p.add_argument("--data", nargs="+", help="latent set folders (MDS shards + schema.json)")
@@ -145,6 +168,8 @@ def main(argv=None) -> None:
         val = overrides.pop("val_data", "")
         stages = stage_configs(a.recipe, data, a.out, val, **overrides)
         if a.stages:
+            if not all(1 <= i <= len(stages) for i in a.stages):
+                p.error(f"--stages {' '.join(map(str, a.stages))}: recipe {a.recipe} has stages 1-{len(stages)}")
             first = min(a.stages)
             stages = [stages[i - 1] for i in sorted(a.stages)]
             if first > 1 and not stages[0].init_from:
@@ -155,6 +180,7 @@ def main(argv=None) -> None:
                 stages[0] = stages[0].replace(init_from=str(prev))
     else:
         p.error("give --recipe or --config")
+    check_stage_data(stages)
     if a.ray_workers:
         from ..ray_cluster import ray_session
         with ray_session(address=os.environ.get("RAY_ADDRESS", "auto")):    # token auth: docs/security.md
