@@ -1,7 +1,10 @@
 """Training state read back safely: a planted pickle is refused unopened, a corrupt checkpoint is skipped."""
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,6 +75,23 @@ def test_a_planted_pickle_in_a_run_folder_is_refused_unopened(data, stopped_run,
     assert not marker.exists()
     msg = str(e.value)
     assert "\n" not in msg and "step_00000003" in msg and "refused" in msg
+
+
+@pytest.mark.slow                  # a fresh interpreter importing torch: ~20 s here
+def test_the_command_line_refuses_a_planted_pickle_in_one_line(data, stopped_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    marker = tmp_path / "pwned"
+    _plant_metadata(out / "checkpoints" / "step_00000003", marker)
+    (tmp_path / "stage.json").write_text(json.dumps(tiny(data, out).to_dict()))
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "microdit.training", "--config", str(tmp_path / "stage.json")],
+                       cwd=root, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    assert r.returncode == 2 and not marker.exists()
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and ".metadata" in errors[0] and "refused" in errors[0]
+    assert "Traceback" not in r.stderr
 
 
 def test_a_corrupt_latest_checkpoint_is_named_and_resume_uses_the_previous(data, tmp_path):
