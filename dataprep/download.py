@@ -151,7 +151,11 @@ def run_img2dataset(url_list: Path, out: Path, spec: DatasetSpec, image_size: in
         raise ValueError(f"output_format must be files, webdataset or parquet, got {output_format!r}")
     import logging
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset import download as i2d
+    try:
+        from img2dataset import download as i2d
+    except ImportError:
+        raise ImportError("img2dataset is not installed: make setup installs it (requirements.lock), or "
+                          "pip install -e '.[download]' then pip uninstall -y dataclasses") from None
     logging.getLogger("img2dataset").setLevel(logging.WARNING)
     i2d(url_list=str(url_list), input_format="parquet", url_col="url", caption_col="caption",
         output_folder=str(out), output_format=output_format, image_size=image_size, resize_mode=resize_mode,

@@ -30,6 +30,19 @@ POOL = "micro-budget-local"
 POOLS = (POOL, "gpu-node")             # the work pools prefect.yaml names
 
 
+def stdlib_shadows() -> list[Path]:
+    """Installed top-level modules named like a standard-library module, such as the 'dataclasses' backport
+    img2dataset asks for: `prefect server start` runs uvicorn with --app-dir <site-packages>, which puts them
+    ahead of the standard library, and the server dies (dataclass() got an unexpected keyword argument 'slots')."""
+    import sysconfig
+    found = []
+    for d in {Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")}:
+        if d.is_dir():
+            found += [p for p in d.iterdir() if (p.suffix == ".py" and p.stem in sys.stdlib_module_names)
+                      or (p.is_dir() and p.name in sys.stdlib_module_names and (p / "__init__.py").exists())]
+    return sorted(found)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -143,6 +156,10 @@ def demo_env(runs: Path, port: int, run_name: str) -> dict:
 def run_demo(profile: str = "local", overrides: dict | None = None, run_name: str | None = None,
              deployment: str = "micro-budget/full", timeout: float = 3600.0) -> dict:
     run_name = run_name or profile
+    shadows = stdlib_shadows()
+    if shadows:
+        raise SystemExit(f"error: {', '.join(map(str, shadows))} shadow(s) the standard library under the Prefect "
+                         f"server: pip uninstall -y {' '.join(p.stem for p in shadows)}")
     runs = ROOT / "runs"
     (runs / "prefect").mkdir(parents=True, exist_ok=True)
     port = free_port()
