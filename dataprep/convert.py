@@ -9,7 +9,7 @@ UTF-8 text; resizes images whose short side exceeds `short_side` down to it (asp
 sample a stable id "<source>/<key>" (or the id the source carries). Everything left out is counted by
 reason in the manifest (`skipped`), with a few examples of each in `metrics.examples`:
 
-    image_missing  image_corrupt  image_truncated  image_too_small
+    image_missing  image_corrupt  image_truncated  image_too_small  image_too_large (decompression bomb)
     caption_missing  caption_empty  caption_not_utf8  duplicate_id
 
 Parallel and resumable: the input is cut into record units (`dataprep.readers.plan_record_units`: at
@@ -33,12 +33,13 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from microdit.cli import UserError
+from microdit.cli import UserError, run_cli
 from microdit.manifest import CostMeter, Manifest, config_hash, folder_bytes, read_manifest, write_json_atomic
 
 from .readers import RawRecord, RecordUnit, iter_unit_records, plan_record_units, source_name
@@ -100,9 +101,13 @@ def check_image(data: bytes | None, min_size: int, short_side: int, jpeg_quality
     if data is None:
         raise Skip("image_missing")
     try:
-        im = Image.open(io.BytesIO(data))
-        fmt = im.format
-        im.load()
+        with warnings.catch_warnings():                    # PIL's size limit: a warning, then an error at 2x
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            fmt = im.format
+            im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:   # pixels beyond PIL's limit
+        raise Skip("image_too_large", str(e)) from None
     except Exception as e:                                 # PIL raises OSError, SyntaxError, ValueError, ...
         reason = "image_truncated" if "truncat" in str(e).lower() else "image_corrupt"
         raise Skip(reason, f"{type(e).__name__}: {e}") from None
@@ -409,7 +414,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:     # user-fixable: the message says what to do
-        raise SystemExit(f"error: {e}") from None
+    run_cli(main)

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from microdit.cli import check_positive, run_cli
+
 TRAIN_SAMPLES_PER_S = 64 / 0.19          # CPU preset: batch 64 at ~0.19 s a step (brief, "embedded default")
 
 
@@ -213,6 +215,7 @@ def main(argv=None) -> None:
                    help="samples per work unit (default 0: precompute's own rule, total/16 within 100-1000)")
     p.add_argument("--keep", help="keep the benchmark folders here instead of a temporary folder")
     a = p.parse_args(argv)
+    check_positive(samples=a.samples)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     torch.set_num_threads(1)
@@ -256,4 +259,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,8 +22,9 @@ import json
 import os
 from pathlib import Path
 
-from microdit.cli import UserError
+from microdit.cli import UserError, check_positive, run_cli
 from microdit.manifest import CostMeter, Manifest, folder_bytes, read_manifest
+from microdit.redact import redact
 
 from .specs import DatasetSpec, get_spec, subset_count, table
 
@@ -62,11 +63,11 @@ def download(dataset: str, out_dir: str | os.PathLike, samples: int | None = Non
     if done is not None:
         if json.loads(json.dumps(done.config, default=str)) == json.loads(json.dumps(config, default=str)):
             return out                              # finished with the same request: nothing to do
-        raise ValueError(f"{out} already holds a finished download with another config "
+        raise UserError(f"{out} already holds a finished download with another config "
                          f"({done.config.get('dataset')}, samples={done.config.get('samples')}, "
                          f"fraction={done.config.get('fraction')}): use another --out folder")
     if spec.downloader == "shapes" and fraction is not None:
-        raise ValueError("shapes has no fixed size: give --samples N")
+        raise UserError("shapes has no fixed size: give --samples N")
     out.mkdir(parents=True, exist_ok=True)
     with CostMeter() as meter:
         if spec.downloader == "shapes":
@@ -89,7 +90,7 @@ def download(dataset: str, out_dir: str | os.PathLike, samples: int | None = Non
             stats = download_archives(spec, out, samples, fraction, links_file, keep_archives, retries,
                                       concurrency, allow_file_urls, retry_delay)
         else:
-            raise ValueError(f"spec {spec.name}: unknown downloader {spec.downloader!r}")
+            raise UserError(f"spec {spec.name}: unknown downloader {spec.downloader!r}")
     Manifest(kind="raw", name=f"{dataset}-raw", config=config, samples=stats["samples"],
              skipped=stats["skipped"], bytes=folder_bytes(out), wall_seconds=meter.wall_seconds,
              cpu_seconds=meter.cpu_seconds, metrics={"layout": stats.get("layout", output_format)}).write(out)
@@ -129,7 +130,7 @@ def subset_url_list(spec: DatasetSpec, folder: Path, samples, fraction, url_list
                                                                                       newlines_in_values=False))
     for col in (spec.url_col, spec.caption_col):
         if col not in tab.column_names:
-            raise ValueError(f"{src}: no column {col!r} (columns: {tab.column_names}); fix dataprep/specs.py")
+            raise UserError(f"{src}: no column {col!r} (columns: {tab.column_names}); fix dataprep/specs.py")
     n = subset_count(tab.num_rows, samples, fraction)
     tab = tab.slice(0, n).select([spec.url_col, spec.caption_col])
     tab = pa.table({"url": tab.column(0), "caption": tab.column(1)})
@@ -148,7 +149,7 @@ def run_img2dataset(url_list: Path, out: Path, spec: DatasetSpec, image_size: in
     `if __name__ == "__main__":` (this module's is).
     """
     if output_format not in ("files", "webdataset", "parquet"):
-        raise ValueError(f"output_format must be files, webdataset or parquet, got {output_format!r}")
+        raise UserError(f"output_format must be files, webdataset or parquet, got {output_format!r}")
     import logging
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
@@ -175,7 +176,7 @@ def img2dataset_stats(out: Path) -> dict:
         samples += int(st.get("successes", 0))
         for err, count in (st.get("status_dict") or {}).items():
             if err != "success":
-                reason = "download: " + str(err)[:80]
+                reason = "download: " + redact(str(err))[:80]        # no signed-URL credentials in the manifest
                 skipped[reason] = skipped.get(reason, 0) + int(count)
     return {"samples": samples, "skipped": skipped}
 
@@ -212,7 +213,10 @@ def main(argv=None) -> None:
         print(table())
         return
     if not a.out:
-        p.error("--out is required")
+        raise UserError("--out is required: the raw set folder to create")
+    check_positive(processes=a.processes, threads=a.threads, concurrency=a.concurrency, resolution=a.resolution)
+    if a.retries < 0:
+        raise UserError(f"--retries {a.retries}: give 0 or more")
     path = download(a.dataset, a.out, a.samples, a.fraction, a.resolution, a.output_format, a.processes,
                     a.threads, a.seed, a.links_file, a.url_list, retries=a.retries, keep_archives=a.keep_archives,
                     concurrency=a.concurrency, allow_file_urls=a.allow_file_urls, min_image_size=a.min_image_size)
@@ -222,7 +226,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:     # user-fixable: the message says what to do
-        raise SystemExit(f"error: {e}") from None
+    run_cli(main)

@@ -31,10 +31,11 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from microdit.cli import UserError
 from microdit.manifest import write_json_atomic
+from microdit.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,8 @@ CHUNK = 1 << 20
 #                                     URLs and names
 # --------------------------------------------------------------------------------------------
 
-def redact(url: str) -> str:
-    """The URL without its query string and fragment (signed links carry their credentials there)."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")) + ("?..." if parts.query else "")
+class DownloadError(UserError, RuntimeError):
+    """A file could not be fetched; the message says what to do (a fresh link, a login, a rerun)."""
 
 
 def check_url(url: str, allow_file: bool = False, where: str = "") -> str:
@@ -90,9 +89,9 @@ def _with_retries(what: str, fn, retries: int, delay: float):
             return fn()
         except urllib.error.HTTPError as e:
             if e.code in (401, 403, 404, 410):             # retrying will not help: say what to do
-                raise RuntimeError(f"{what}: HTTP {e.code} {e.reason} (gated set? accept its terms and log in; "
-                                   "an expired signed link? get a fresh links file; else check the URL in "
-                                   "dataprep/specs.py)") from None
+                raise DownloadError(f"{what}: HTTP {e.code} {e.reason} (gated set? accept its terms and log in; "
+                                    "an expired signed link? get a fresh links file; else check the URL in "
+                                    "dataprep/specs.py)") from None
             err = e
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:   # incl. a dropped connection
             err = e
@@ -100,8 +99,8 @@ def _with_retries(what: str, fn, retries: int, delay: float):
             wait = delay * (2 ** attempt)
             log.warning("%s failed (%s); retry %d/%d in %.1f s", what, err, attempt + 1, retries, wait)
             time.sleep(wait)
-    raise RuntimeError(f"{what} failed after {retries + 1} attempts: {err}; rerun to continue from the part "
-                       "already downloaded") from None
+    raise DownloadError(f"{what} failed after {retries + 1} attempts: {err}; rerun to continue from the part "
+                        "already downloaded") from None
 
 
 def fetch_url(url: str, dest: str | os.PathLike, retries: int = 4, delay: float = 2.0, timeout: float = 60.0,
@@ -194,8 +193,8 @@ def fetch_hf_file(repo_id: str, filename: str, dest_dir: str | os.PathLike, repo
     if dest.exists():
         return dest
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise RuntimeError(f"{repo_id}/{filename} is not on disk and HF_HUB_OFFLINE is set: unset it on a "
-                           "connected machine (gated sets also need `huggingface-cli login`)")
+        raise DownloadError(f"{repo_id}/{filename} is not on disk and HF_HUB_OFFLINE is set: unset it on a "
+                            "connected machine (gated sets also need `huggingface-cli login`)")
     from huggingface_hub import hf_hub_download     # writes .incomplete files, resumes them, renames when done
 
     def once():

@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from microdit.cli import UserError, check_positive, run_cli
 from microdit.encoders import DEFAULT_IMAGE_AUTOENCODER, DEFAULT_TEXT_ENCODER
 from microdit.manifest import CostMeter, Manifest, config_hash, folder_bytes, read_manifest, write_json_atomic
 from microdit.schema import LatentSchema
@@ -65,6 +66,16 @@ class PrecomputeConfig:
     progress: bool = True                        # progress bar
     extra: dict = field(default_factory=dict)    # free-form, saved in the manifest
 
+    def validate(self) -> None:
+        """Refuse values that cannot work, naming the flag (before anything is read or started)."""
+        for r in self.resolutions:
+            if int(r) < 1:
+                raise UserError(f"--resolutions {r}: give positive image sizes in pixels, e.g. 256 512")
+        check_positive(batch_size=self.batch_size, workers=self.workers, threads=self.threads, num_cpus=self.num_cpus,
+                       unit_samples=self.unit_samples, min_size=self.min_size, short_side=self.short_side)
+        if self.engine not in ("ray", "local"):
+            raise UserError(f"--engine {self.engine!r}: use ray or local")
+
     def identity(self) -> dict:
         """What determines the output: a rerun into the same folder must agree on these."""
         keys = ("input", "resolutions", "image_autoencoder", "text_encoder", "unit_samples", "min_size",
@@ -77,6 +88,7 @@ class PrecomputeConfig:
 
 def precompute(cfg: PrecomputeConfig) -> Path:
     """Make (or finish) the latent set `cfg.out`; returns the folder."""
+    cfg.validate()
     out = Path(cfg.out)
     ident = config_hash(cfg.identity())
     done = read_manifest(out)
@@ -84,12 +96,13 @@ def precompute(cfg: PrecomputeConfig) -> Path:
         return out
     _preflight_offline(cfg)
     _check_same_run(out, cfg, ident)
-    _clean_stale_streaming()
+    # no streaming shared memory to clean: writers (MDSWriter, merge_index) use none, and /dev/shm entries
+    # of other processes are theirs (a reader cleans its own: microdit.data.prepare_run_tmp)
     with CostMeter() as meter:
         converted, convert_skipped = _converted_input(cfg, out)
         units = plan_units(converted, cfg.unit_samples or auto_unit_samples(converted))
         if not units:
-            raise ValueError(f"{cfg.input}: no samples left after conversion (see {converted}/manifest.json)")
+            raise UserError(f"{cfg.input}: no samples left after conversion (see {converted}/manifest.json)")
         remove_unfinished(out)
         done_units = finished_units(out)
         todo = [u for u in units if u.name not in done_units]
@@ -100,11 +113,11 @@ def precompute(cfg: PrecomputeConfig) -> Path:
             elif cfg.engine == "ray":
                 _run_ray(run_cfg, todo, cfg)
             else:
-                raise ValueError(f"engine must be ray or local, got {cfg.engine!r}")
+                raise UserError(f"engine must be ray or local, got {cfg.engine!r}")
         found = finished_units(out)
         missing = [u.name for u in units if u.name not in found]
         if missing:
-            raise RuntimeError(f"{len(missing)} work units did not finish (e.g. {missing[:3]}); rerun the command")
+            raise UserError(f"{len(missing)} work units did not finish (e.g. {missing[:3]}); rerun the command")
         infos = {u.name: found[u.name] for u in units}            # exactly the planned units, in order
         schema = _merge(out, list(infos.values()))
     # units encoded in this process (local engine) are already in meter.cpu_seconds: count them once
@@ -146,7 +159,7 @@ def _check_same_run(out: Path, cfg: PrecomputeConfig, ident: str) -> None:
         old = json.loads(path.read_text())
         if old.get("identity_hash") != ident:
             diff = {k: (old["identity"].get(k), v) for k, v in cfg.identity().items() if old["identity"].get(k) != v}
-            raise ValueError(f"{out} was started with a different config {diff} (old, new): use a fresh --out "
+            raise UserError(f"{out} was started with a different config {diff} (old, new): use a fresh --out "
                              "folder, or delete this one to start over")
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -180,15 +193,6 @@ def _preflight_offline(cfg: PrecomputeConfig) -> None:
         repos.append((te[3:], "T5 text encoder"))
     for repo, what in repos:
         hub_download_or_fail(repo, None, what)          # raises MissingWeightsError naming what to do
-
-
-def _clean_stale_streaming() -> None:
-    """Shared memory a killed streaming reader/writer left in /dev/shm would block the next one."""
-    try:
-        from streaming.base.util import clean_stale_shared_memory
-        clean_stale_shared_memory()
-    except Exception:          # nothing stale, or a live process owns it: both fine for a writer
-        pass
 
 
 def _bar(cfg: PrecomputeConfig, todo):
@@ -241,7 +245,7 @@ def _merge(out: Path, infos: list[dict]) -> LatentSchema:
     first = infos[0]["schema"]
     for info in infos[1:]:
         if info["schema"] != first:
-            raise RuntimeError(f"unit {info['name']} was written with schema {info['schema']}, unit "
+            raise UserError(f"unit {info['name']} was written with schema {info['schema']}, unit "
                                f"{infos[0]['name']} with {first}: delete {out} and start over")
     (out / "index.json").unlink(missing_ok=True)          # merge_index will not overwrite
     root, level = logging.getLogger(), logging.getLogger().level
@@ -296,7 +300,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:     # user-fixable: the message says what to do
-        raise SystemExit(f"error: {e}") from None
+    run_cli(main)

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from microdit.cli import UserError
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 PATH_COLS = ("path", "image_path", "file", "filepath", "image")
 CAPTION_COLS = ("caption", "text", "prompt", "txt")
@@ -52,7 +54,7 @@ def detect_layout(path: str | Path) -> str:
     if p.is_file():
         if p.suffix in (".parquet", ".csv", ".tsv"):
             return "table"
-        raise ValueError(f"{p}: a single file must be a .parquet or .csv of image paths and captions")
+        raise UserError(f"{p}: a single file must be a .parquet or .csv of image paths and captions")
     if (p / "index.parquet").exists() or (p / "index.csv").exists():
         return "table"
     if any(p.glob("*.tar")):
@@ -62,7 +64,7 @@ def detect_layout(path: str | Path) -> str:
         return "parquet"
     if any(f.suffix.lstrip(".").lower() in IMAGE_EXTS for f in _walk(p)):
         return "files"
-    raise ValueError(f"{p}: no images found in any known layout (files, webdataset, parquet, table); "
+    raise UserError(f"{p}: no images found in any known layout (files, webdataset, parquet, table); "
                      "see docs/data.md 'Bring your own data'")
 
 
@@ -86,7 +88,7 @@ def plan_record_units(path: str | Path, layout: str | None = None, per_unit: int
     p = Path(path)
     layout = layout or detect_layout(p)
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}: one of {', '.join(LAYOUTS)}")
+        raise UserError(f"unknown layout {layout!r}: one of {', '.join(LAYOUTS)}")
     per_unit = max(1, int(per_unit))
     pieces: list[dict] = []
     if layout == "files":
@@ -224,7 +226,7 @@ def _iter_table(path: Path, start: int = 0, stop: int | None = None) -> Iterator
     names = list(rows[0])
     pcol = next((c for c in PATH_COLS if c in names), None)
     if pcol is None:
-        raise ValueError(f"{path}: no image path column (one of {PATH_COLS}); columns are {names}")
+        raise UserError(f"{path}: no image path column (one of {PATH_COLS}); columns are {names}")
     ccol = next((c for c in CAPTION_COLS if c in names), None)
     kcol = next((c for c in KEY_COLS if c in names), None)
     for i, row in enumerate(rows, start=start):

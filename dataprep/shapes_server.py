@@ -21,6 +21,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from microdit.cli import check_positive, run_cli
+
 
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 (http.server's name)
@@ -103,6 +105,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0, help="scene seed")
     p.add_argument("--folder", default=".", help="where the URL list parquet is written")
     a = p.parse_args(argv)
+    check_positive(samples=a.samples, resolution=a.resolution)
     with ShapesServer(a.samples, a.resolution, a.seed, a.folder) as s:
         print(f"serving {a.samples} images at {s.base_url}; URL list {s.url_list}; Ctrl-C stops")
         try:
@@ -112,4 +115,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from microdit.cli import UserError
+
 DOWNLOADERS = ("img2dataset", "files", "hf_files", "shapes")
 
 
@@ -91,21 +93,21 @@ def get_spec(name: str) -> DatasetSpec:
     try:
         return SPECS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(SPECS)} "
+        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(SPECS)} "
                          "(or bring your own folder, see docs/data.md)") from None
 
 
 def subset_count(total: int, samples: int | None = None, fraction: float | None = None) -> int:
     """How many of `total` items a subset takes (`samples` wins over `fraction`; neither = all)."""
     if samples is not None and fraction is not None:
-        raise ValueError("give --samples or --fraction, not both")
+        raise UserError("give --samples or --fraction, not both")
     if samples is not None:
         if samples <= 0:
-            raise ValueError(f"--samples must be positive, got {samples}")
+            raise UserError(f"--samples must be positive, got {samples}")
         return min(int(samples), total) if total else int(samples)
     if fraction is not None:
         if not 0 < fraction <= 1:
-            raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
+            raise UserError(f"--fraction must be in (0, 1], got {fraction}")
         return max(1, round(total * fraction))
     return total
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from microdit.cli import check_positive, run_cli
 from microdit.manifest import CostMeter, Manifest, folder_bytes
 from microdit.schema import LatentSchema
 
@@ -108,9 +109,10 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0, help="shapes seed (use another seed for a held-out set)")
     p.add_argument("--resolutions", type=int, nargs="+", default=[16, 32])
     a = p.parse_args(argv)
+    check_positive(n=a.n, resolutions=min(a.resolutions))
     torch.set_num_threads(1)
     print(shapes_latent_set(a.out, a.n, tuple(a.resolutions), a.seed))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

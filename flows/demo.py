@@ -25,6 +25,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from microdit.cli import run_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "micro-budget-local"
 POOLS = (POOL, "gpu-node")             # the work pools prefect.yaml names
@@ -331,8 +333,10 @@ def main(argv=None) -> int:
     ap.add_argument("--deployment", default="micro-budget/full", help="deployment to run (default %(default)s)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the flow run")
     a = ap.parse_args(argv)
-    summary = run_demo(a.profile, json.loads(a.overrides) if a.overrides else None, a.run_name, a.deployment,
-                       a.timeout)
+    from .profiles import get_profile, parse_overrides
+    overrides = parse_overrides(a.overrides)
+    get_profile(a.profile, overrides)          # a wrong profile or override fails here, before any server starts
+    summary = run_demo(a.profile, overrides, a.run_name, a.deployment, a.timeout)
     if "cost_table" in summary:
         print_result(summary)
     else:
@@ -343,4 +347,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

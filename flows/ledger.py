@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import duckdb
 
+from microdit.cli import UserError, one_line, run_cli
 from microdit.manifest import Manifest
 
 from .prices import PriceList, load_prices
@@ -142,9 +142,13 @@ def connect(db: str | os.PathLike = DEFAULT_DB, read_only: bool = False, timeout
             con = duckdb.connect(str(db), read_only=read_only)
             break
         except duckdb.IOException as e:
-            if "lock" not in str(e).lower() or time.monotonic() > deadline:
-                raise RuntimeError(f"could not open the ledger {db}: {e}. Another process holds it; "
-                                   "the flow is the only writer, so wait for it or use a copy.") from e
+            if "lock" not in str(e).lower():
+                raise UserError(f"the ledger {db} cannot be opened as a DuckDB database ({one_line(e)}): it is "
+                                "corrupt or another kind of file; move it aside and re-record the run folders "
+                                "(`python -m flows.ledger ingest FOLDER ...`), or pass --db") from None
+            if time.monotonic() > deadline:
+                raise UserError(f"could not open the ledger {db}: another process holds its lock ({one_line(e)}); "
+                                "the flow is the only writer, so wait for it or use a copy") from None
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 1.0)
     try:
@@ -374,4 +378,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -25,18 +25,23 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.exceptions import MissingContextError
 
+from microdit.cli import run_cli
 from microdit.manifest import read_manifest
+from microdit.redact import install_log_redaction
 
 from . import ledger, progress, steps
 from .prices import load_prices
-from .profiles import DataSource, Profile, get_profile
+from .profiles import DataSource, Profile, check_budget, get_profile, parse_overrides
 
 # Skipping is decided by the assets themselves (manifest.json in a config-hashed folder), not by
 # Prefect's result cache: it survives a lost Prefect database and never returns a folder that was deleted.
 TASK = dict(cache_policy=NO_CACHE)
 
 
-def _setup(profile: str, overrides: dict | None, run_name: str | None, root: str) -> tuple[Profile, Path, str]:
+def _setup(profile: str, overrides: dict | None, run_name: str | None, root: str,
+           budget_usd: float | None = None) -> tuple[Profile, Path, str]:
+    install_log_redaction()                      # flow-run logs reach the Prefect server: no signed URLs in them
+    check_budget(budget_usd)
     p = get_profile(profile, overrides)
     steps.check_resolutions(p)
     run_name = run_name or p.name
@@ -47,6 +52,10 @@ def _setup(profile: str, overrides: dict | None, run_name: str | None, root: str
 
 def _db(root: str, ledger_db: str | None) -> Path:
     return Path(ledger_db) if ledger_db else Path(root).resolve() / "ledger.duckdb"
+
+
+def _budget(budget_usd: float | None, run_id: str, root: str, ledger_db: str | None) -> steps.RunBudget | None:
+    return None if budget_usd is None else steps.RunBudget(budget_usd, run_id, _db(root, ledger_db))
 
 
 def _log():
@@ -69,17 +78,17 @@ def _flow_run_id() -> str | None:
 # ----------------------------------------------------------------------------------------------------
 
 @task(name="download", **TASK)
-def download_task(p: Profile, source, run: Path) -> str:
+def download_task(p: Profile, source, run: Path, budget: steps.RunBudget | None = None) -> str:
     with progress.step_events(run, "download", dataset=source.dataset):
-        folder, skipped = steps.download_step(p, source, run)
+        folder, skipped = steps.download_step(p, source, run, budget)
     _log().info("%s %s", "skip (finished)" if skipped else "downloaded", folder)
     return str(folder)
 
 
 @task(name="precompute", **TASK)
-def precompute_task(p: Profile, raw: str, run: Path) -> str:
+def precompute_task(p: Profile, raw: str, run: Path, budget: steps.RunBudget | None = None) -> str:
     with progress.step_events(run, "precompute"):
-        folder, skipped = steps.precompute_step(p, Path(raw), run)
+        folder, skipped = steps.precompute_step(p, Path(raw), run, budget)
     _log().info("%s %s", "skip (finished)" if skipped else "precomputed", folder)
     return str(folder)
 
@@ -145,12 +154,14 @@ def record_task(folders: list[str], step: str, profile: str, run_id: str, db: Pa
 
 @flow(name="micro-budget-data", log_prints=True)
 def data_flow(profile: str = "local", overrides: dict | None = None, run_name: str | None = None,
-              root: str = "runs", ledger_db: str | None = None) -> list[str]:
-    """Download every training set of the profile (each file or URL retries with delays, inside the step)."""
-    p, run, run_id = _setup(profile, overrides, run_name, root)
+              root: str = "runs", ledger_db: str | None = None, budget_usd: float | None = None) -> list[str]:
+    """Download every training set of the profile (each file or URL retries with delays, inside the step).
+    With `budget_usd`, a download that is not finished yet does not start once the run's spend reaches it."""
+    p, run, run_id = _setup(profile, overrides, run_name, root, budget_usd)
+    budget = _budget(budget_usd, run_id, root, ledger_db)
     out = []
     for src in p.datasets:
-        raw = download_task(p, src, run)            # retries happen per file inside (profile.download_retries)
+        raw = download_task(p, src, run, budget)    # retries happen per file inside (profile.download_retries)
         record_task([raw], "download", p.name, run_id, _db(root, ledger_db))
         out.append(raw)
     return out
@@ -158,13 +169,15 @@ def data_flow(profile: str = "local", overrides: dict | None = None, run_name: s
 
 @flow(name="micro-budget-precompute", log_prints=True)
 def precompute_flow(profile: str = "local", raw: list[str] | None = None, overrides: dict | None = None,
-                    run_name: str | None = None, root: str = "runs", ledger_db: str | None = None) -> list[str]:
-    """Latents of every raw set at the profile's resolutions (Ray; MDS shards)."""
-    p, run, run_id = _setup(profile, overrides, run_name, root)
-    raw = raw or data_flow(profile, overrides, run_name, root, ledger_db)
+                    run_name: str | None = None, root: str = "runs", ledger_db: str | None = None,
+                    budget_usd: float | None = None) -> list[str]:
+    """Latents of every raw set at the profile's resolutions (Ray; MDS shards); budget-guarded like data_flow."""
+    p, run, run_id = _setup(profile, overrides, run_name, root, budget_usd)
+    raw = raw or data_flow(profile, overrides, run_name, root, ledger_db, budget_usd)
+    budget = _budget(budget_usd, run_id, root, ledger_db)
     out = []
     for r in raw:
-        lat = precompute_task(p, r, run)
+        lat = precompute_task(p, r, run, budget)
         record_task([lat], "precompute", p.name, run_id, _db(root, ledger_db))
         out.append(lat)
     return out
@@ -177,9 +190,9 @@ def train_flow(profile: str = "local", latents: list[str] | None = None, overrid
     """The four stages, each from the previous one's weights. `budget_usd` caps the run's total spend:
     the trainer's stop hook ends a stage cleanly (resumable checkpoint) once the projected spend would
     pass it, and no stage starts once the budget is spent. Re-run with a larger budget to continue."""
-    p, run, run_id = _setup(profile, overrides, run_name, root)
+    p, run, run_id = _setup(profile, overrides, run_name, root, budget_usd)
     log, db = _log(), _db(root, ledger_db)
-    latents = latents or precompute_flow(profile, None, overrides, run_name, root, ledger_db)
+    latents = latents or precompute_flow(profile, None, overrides, run_name, root, ledger_db, budget_usd)
     rate = load_prices().usd_per_second(num_gpus=p.num_gpus, gpu_type=p.gpu_type, cpu_cores=p.cpu_cores)
     done, status = [], "complete"
     for cfg in steps.stage_configs(p, [Path(x) for x in latents], run):
@@ -228,10 +241,10 @@ def evaluate_flow(checkpoint: str, profile: str = "local", overrides: dict | Non
 def full_flow(profile: str = "local", overrides: dict | None = None, run_name: str | None = None,
               root: str = "runs", ledger_db: str | None = None, budget_usd: float | None = None) -> dict:
     """download -> precompute -> four training stages -> evaluation -> cost report (runs/<run>/summary.json)."""
-    p, run, run_id = _setup(profile, overrides, run_name, root)
+    p, run, run_id = _setup(profile, overrides, run_name, root, budget_usd)
     db = _db(root, ledger_db)
-    raw = data_flow(profile, overrides, run_name, root, ledger_db)
-    latents = precompute_flow(profile, raw, overrides, run_name, root, ledger_db)
+    raw = data_flow(profile, overrides, run_name, root, ledger_db, budget_usd)
+    latents = precompute_flow(profile, raw, overrides, run_name, root, ledger_db, budget_usd)
     trained = train_flow(profile, latents, overrides, run_name, root, ledger_db, budget_usd)
     evaluation = None
     if trained["status"] == "complete":
@@ -302,14 +315,14 @@ def main(argv=None) -> None:
     ap.add_argument("--overrides", default=None, help='JSON of profile fields, e.g. \'{"steps_scale": 0.1}\'')
     ap.add_argument("--run-name", default=None, help="output folder under --root (default: the profile name)")
     ap.add_argument("--root", default="runs", help="where runs and the ledger live (default %(default)s)")
-    ap.add_argument("--budget-usd", type=float, default=None, help="stop training before spending more")
+    ap.add_argument("--budget-usd", type=float, default=None,
+                    help="no step starts, and training stops, before the run spends more")
     a = ap.parse_args(argv)
-    kw = dict(profile=a.profile, overrides=json.loads(a.overrides) if a.overrides else None,
-              run_name=a.run_name, root=a.root)
-    if a.flow in ("full", "train"):
-        kw["budget_usd"] = a.budget_usd
-    FLOWS[a.flow](**kw)
+    overrides = parse_overrides(a.overrides)
+    get_profile(a.profile, overrides)        # a wrong profile or override fails here, before Prefect starts
+    check_budget(a.budget_usd)
+    FLOWS[a.flow](profile=a.profile, overrides=overrides, run_name=a.run_name, root=a.root, budget_usd=a.budget_usd)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -2,17 +2,20 @@
 
     python -m flows.profiles                 # print the table
     python -m flows.profiles local           # one profile as JSON
+    python -m flows.profiles local --overrides '{"steps_scale": 0.1}'   # with changes
 
 A flow takes `profile="local"` plus optional `overrides={"field": value}` (e.g. fewer samples in tests);
 the resolved profile is saved beside the run's outputs (runs/<run>/profile.json).
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass, field, replace
 
 from microdit.configs import check_fields
+
+from microdit.cli import UserError, run_cli
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,31 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
 
 def get_profile(name: str, overrides: dict | None = None) -> Profile:
     if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)} (flows/profiles.py)")
-    return PROFILES[name].replace(**(overrides or {}))
+        raise UserError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)} (flows/profiles.py)")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise UserError(f"overrides {overrides!r}: give a JSON object of profile fields, e.g. '{{\"steps_scale\": 0.1}}'")
+    try:
+        return PROFILES[name].replace(**(overrides or {}))
+    except TypeError as e:                                   # e.g. a data set given as a list, not an object
+        raise UserError(f"overrides {overrides}: {e}") from None
+
+
+def parse_overrides(text: str | None) -> dict | None:
+    """The --overrides JSON of a command line: a JSON object of profile fields (None when not given)."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--overrides is not valid JSON ({e}): give an object like '{{\"steps_scale\": 0.1}}'") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--overrides {text!r}: give a JSON object of profile fields, e.g. '{{\"steps_scale\": 0.1}}'")
+    return value
+
+
+def check_budget(budget_usd: float | None) -> None:
+    if budget_usd is not None and not budget_usd >= 0:
+        raise UserError(f"budget {budget_usd}: give a budget of 0 dollars or more (or none for no limit)")
 
 
 def _table() -> str:
@@ -127,5 +153,18 @@ def _table() -> str:
     return "\n".join(rows)
 
 
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m flows.profiles", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("profile", nargs="?", help=f"print this profile as JSON ({', '.join(PROFILES)}); "
+                    "default: the table of all")
+    ap.add_argument("--overrides", default=None, help="JSON of profile fields to change")
+    a = ap.parse_args(argv)
+    if a.profile is None:
+        print(_table())
+    else:
+        print(json.dumps(get_profile(a.profile, parse_overrides(a.overrides)).to_dict(), indent=2))
+
+
 if __name__ == "__main__":
-    print(json.dumps(get_profile(sys.argv[1]).to_dict(), indent=2) if len(sys.argv) > 1 else _table())
+    run_cli(main)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from microdit.cli import UserError
 from microdit.manifest import config_hash, read_manifest, write_json_atomic
 
 from .profiles import DataSource, Profile
@@ -37,11 +38,30 @@ def run_root(root: str | os.PathLike, run_name: str, profile: Profile) -> Path:
     return out
 
 
+class BudgetSpent(UserError):
+    """The run has spent its budget: a step that has not started yet does not start."""
+
+
+class RunBudget:
+    """The run's budget for steps before training (download, precompute): checked before a step starts."""
+
+    def __init__(self, usd: float, run_id: str, db: Path):
+        self.usd, self.run_id, self.db = usd, run_id, Path(db)
+
+    def check(self, what: str) -> None:
+        from . import ledger
+        spent = ledger.spent_usd(run_id=self.run_id, db=self.db)
+        if spent >= self.usd:
+            raise BudgetSpent(f"budget ${self.usd:g} of run {self.run_id} is spent (${spent:.6f} recorded) before "
+                              f"{what}: nothing was started; rerun with a larger budget to continue")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------
 
-def download_step(profile: Profile, source: DataSource, run: Path) -> tuple[Path, bool]:
+def download_step(profile: Profile, source: DataSource, run: Path,
+                  budget: RunBudget | None = None) -> tuple[Path, bool]:
     """One raw set (dataprep.download). Returns (folder, skipped)."""
     from dataprep.download import download
     cfg = {"dataset": source.dataset, "samples": source.samples, "fraction": source.fraction,
@@ -49,6 +69,8 @@ def download_step(profile: Profile, source: DataSource, run: Path) -> tuple[Path
     out = asset_folder(run / "raw", source.dataset, cfg)
     if finished(out):
         return out, True
+    if budget is not None:
+        budget.check(f"downloading {source.dataset}")
     return Path(download(source.dataset, out, samples=source.samples, fraction=source.fraction,
                          output_format=profile.download_format, processes=profile.download_processes,
                          threads=profile.download_threads, min_image_size=profile.min_image_size,
@@ -70,12 +92,14 @@ def precompute_config(profile: Profile, raw: Path, run: Path):
     return cfg, out
 
 
-def precompute_step(profile: Profile, raw: Path, run: Path) -> tuple[Path, bool]:
+def precompute_step(profile: Profile, raw: Path, run: Path, budget: RunBudget | None = None) -> tuple[Path, bool]:
     """One latent set (dataprep.precompute, Ray in local mode unless the profile names a cluster)."""
     from dataprep.precompute import precompute
     cfg, out = precompute_config(profile, raw, run)
     if finished(out):
         return out, True
+    if budget is not None:
+        budget.check(f"precomputing {raw.name}")
     return Path(precompute(cfg)), False
 
 

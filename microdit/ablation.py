@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .cli import UserError, check_positive, run_cli
+
 VARIANTS = {
     "a_no_mask": dict(mask_ratio=0.0, model_overrides={}),
     "b_naive_mask75": dict(mask_ratio=0.75, model_overrides={"patch_mixer": False}),
@@ -98,6 +100,13 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    check_positive(steps=a.steps, resolution=a.resolution, batch_size=a.batch_size, n_per_task=a.n_per_task)
+    if a.lr <= 0 or a.finetune_steps < 0:
+        raise UserError(f"--lr {a.lr} / --finetune-steps {a.finetune_steps}: give lr > 0 and finetune steps >= 0")
+    for folder in [*a.data, a.val_data]:
+        if not (Path(folder) / "schema.json").exists():
+            raise UserError(f"{folder}: not a latent set (no schema.json): make one with dataprep.precompute or "
+                            "microdit.training.synthetic")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0") or torch.get_num_threads()))
     rows = run_ablation(a.data, a.val_data, a.out, a.steps, a.resolution, a.batch_size, a.lr,
                         n_per_task=a.n_per_task, variants=a.variants, progress=not a.no_progress,
@@ -106,4 +115,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cli import UserError, check_positive, run_cli
 from .edm import EDMConfig, edm_loss
 from .model import PRESETS, ExpertChoiceMoE, MicroDiT, create_model, estimate_flops
 
@@ -266,6 +267,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="CUDA: timed steps (default 10)")
     ap.add_argument("--skip", default="", help="comma list of CPU sections to skip: mask,moe,release,params")
     args = ap.parse_args(argv)
+    check_positive(threads=args.threads, rounds=args.rounds, batch=args.batch, steps=args.steps)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible here; run it on a GPU machine or drop --device")
     torch.set_num_threads(args.threads)
     results = {}
     if args.device == "cuda":
@@ -307,4 +311,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

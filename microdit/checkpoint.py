@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from .cli import UserError
 from .edm import EDMConfig
+from .encoders import is_hub_id
 from .model import MicroDiT, MicroDiTConfig, create_model
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -82,23 +84,38 @@ def load_model(path: str, *, preset: str | None = None, device="cpu", dtype=torc
         return _load_release(local, preset, device, dtype, image_autoencoder, text_encoder, source=str(path))
     if p.suffix in RELEASE_SUFFIXES or (p.is_file() and p.suffix != ".safetensors"):
         return _load_release(p, preset, device, dtype, image_autoencoder, text_encoder)
-    folder = p if p.exists() else _hub_snapshot(path)
-    if folder.is_file():
-        folder = folder.parent
+    if p.exists():
+        folder = p.parent if p.is_file() else p
+    elif is_hub_id(path):
+        folder = _hub_snapshot(path)
+    else:
+        raise FileNotFoundError(f"checkpoint {path}: no such folder or file (a MicroDiT folder holds {CONFIG_NAME} "
+                                f"and {WEIGHTS_NAME}; a released checkpoint is a .pt file; a hub id is owner/name)")
     cfg_file = folder / CONFIG_NAME
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} is missing: a MicroDiT model folder holds {CONFIG_NAME} and "
                                 f"{WEIGHTS_NAME} (written by microdit.checkpoint.save_model)")
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{cfg_file}: 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+    damaged = "the folder is damaged: export or download it again"
+    try:
+        meta = json.loads(cfg_file.read_text())
+        fmt = meta.get("format")
+        config = MicroDiTConfig.from_dict(meta["model"]) if fmt == FORMAT else None
+    except (ValueError, AttributeError, KeyError, TypeError) as e:        # JSON, unknown fields, wrong types
+        raise UserError(f"{cfg_file} is not a valid MicroDiT config ({type(e).__name__}: {e}): {damaged}") from None
+    if config is None:
+        raise UserError(f"{cfg_file}: 'format' is {fmt!r}, expected {FORMAT!r}: not a MicroDiT model folder")
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     weights = folder / WEIGHTS_NAME
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is missing: a MicroDiT model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as e:
+        raise UserError(f"{weights} is not a readable safetensors file ({e}): {damaged}") from None
     with torch.device("meta"):                  # no time spent initialising weights about to be replaced
-        model = MicroDiT(MicroDiTConfig.from_dict(meta["model"]))
-    load_strict(model, load_file(str(weights)), str(weights))
+        model = MicroDiT(config)
+    load_strict(model, state, str(weights))
     if image_autoencoder:
         meta["image_autoencoder"] = image_autoencoder
     if text_encoder:
@@ -120,16 +137,20 @@ def release_state_dict(obj) -> dict:
 def _load_release(file: Path, preset, device, dtype, image_autoencoder, text_encoder, source: str | None = None):
     if not file.exists():
         raise FileNotFoundError(f"checkpoint {file} does not exist")
-    sd = release_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    try:
+        sd = release_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    except Exception as e:          # corrupt, truncated, or a pickle that needs code to load (refused)
+        raise UserError(f"{file} cannot be read as a tensor state dict ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}): download it again") from None
     try:
         dim, in_channels = sd["x_embedder.proj.weight"].shape[:2]
         caption_channels = sd["y_embedder.y_proj.fc1.weight"].shape[1]
         tokens = sd["pos_embed"].shape[1]
     except KeyError as e:
-        raise ValueError(f"{file} is not a MicroDiT state dict (no {e.args[0]!r})") from None
+        raise UserError(f"{file} is not a MicroDiT state dict (no {e.args[0]!r})") from None
     preset = preset or {1024: "MicroDiT_XL_2", 512: "MicroDiT_Tiny_2"}.get(int(dim))
     if preset is None:
-        raise ValueError(f"{file}: backbone width {dim} matches no preset; pass preset=")
+        raise UserError(f"{file}: backbone width {dim} matches no preset; pass --preset")
     patch = int(sd["x_embedder.proj.weight"].shape[-1])
     latent_res = int(round(tokens ** 0.5)) * patch
     pos_interp_scale = infer_pos_interp_scale(sd["pos_embed"])   # 1 at 256 px (latent 32), 2 at 512 px
@@ -166,7 +187,7 @@ def load_strict(model: MicroDiT, sd: dict, what: str) -> None:
     wrong = [f"{k}: file {tuple(sd[k].shape)}, model {tuple(own[k].shape)}"
              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
-        raise ValueError(f"{what} does not match the MicroDiT architecture: {len(missing)} missing "
+        raise UserError(f"{what} does not match the MicroDiT architecture: {len(missing)} missing "
                          f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
                          f"{len(wrong)} of another shape (e.g. {wrong[:3]}); pass the right preset or config")
     model.load_state_dict(sd, strict=True, assign=True)     # takes the file's tensors (model may be on meta)

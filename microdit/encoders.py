@@ -22,11 +22,14 @@ and what to do, when weights are absent (never a long hang on hub retries).
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .cli import UserError
 
 DEFAULT_TEXT_ENCODER = "openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
 DEFAULT_IMAGE_AUTOENCODER = "sdxl"
@@ -36,8 +39,8 @@ VAE_ALIASES = {
 }
 
 
-class MissingWeightsError(RuntimeError):
-    """A model's weights are not on disk and cannot be downloaded now."""
+class MissingWeightsError(UserError, RuntimeError):
+    """A model's weights are not on disk and cannot be downloaded now (the message says how to get them)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,11 +91,24 @@ def hub_file_or_fail(repo_id: str, filename: str, what: str = "model file") -> s
         raise MissingWeightsError(f"{what} {filename!r} of {repo_id!r} could not be downloaded ({e}): {hint}") from e
 
 
+_HUB_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` can be a Hugging Face repo id ("owner/name") rather than a local path: one slash, both
+    parts plain names, no file suffix, and no local folder named like its owner part."""
+    parts = name.split("/")
+    return (len(parts) == 2 and all(_HUB_PART.fullmatch(x) and ".." not in x for x in parts)
+            and Path(name).suffix.lower() not in (".pt", ".pth", ".bin", ".safetensors", ".json", ".ckpt")
+            and not os.path.isdir(parts[0]))
+
+
 def _local_or_hub(name: str, allow_patterns, what: str) -> str:
     if os.path.exists(name):
         return name
-    if name.startswith(("/", "./", "../", "~")):
-        raise MissingWeightsError(f"{what} path {name!r} does not exist: check the path")
+    if not is_hub_id(name):
+        raise MissingWeightsError(f"{what} {name!r}: no such file or folder (and not a hub id owner/name): "
+                                  "check the path")
     return hub_download_or_fail(name, allow_patterns, what)
 
 
@@ -168,8 +184,10 @@ def tiny_kl_vae(seed: int = 0):
 
 def load_image_autoencoder(name: str, device="cpu", dtype=torch.float32):
     if name == "pixel" or name.startswith("pixel:"):
-        factor = int(name.split(":", 1)[1]) if ":" in name else 1
-        return PixelAutoencoder(factor)
+        factor = name.split(":", 1)[1] if ":" in name else "1"
+        if not factor.isdigit() or int(factor) < 1:
+            raise UserError(f"image autoencoder {name!r}: pixel:<f> takes a positive whole factor, e.g. pixel:2")
+        return PixelAutoencoder(int(factor))
     if name == "tiny-kl":
         return DiffusersAutoencoder(tiny_kl_vae(), name, device, dtype)
     from diffusers import AutoencoderKL
@@ -179,7 +197,7 @@ def load_image_autoencoder(name: str, device="cpu", dtype=torch.float32):
         repo, _, subfolder = name[len("diffusers:"):].partition("#")
         subfolder = subfolder or None
     else:
-        raise ValueError(f"unknown image autoencoder {name!r}: use sdxl, ostris, diffusers:<id or path>, "
+        raise UserError(f"unknown image autoencoder {name!r}: use sdxl, ostris, diffusers:<id or path>, "
                          "pixel[:f] or tiny-kl")
     patterns = [f"{subfolder}/*" if subfolder else "*"]
     path = _local_or_hub(repo, patterns, "image autoencoder")
@@ -292,7 +310,7 @@ def load_text_encoder(name: str, device="cpu", dtype=torch.float32):
         except (OSError, EnvironmentError) as e:
             raise MissingWeightsError(f"T5 text encoder {name!r}: no weights or tokenizer under {path}: {e}") from e
         return T5TextEncoder(model, tok, name, 120, device, dtype)
-    raise ValueError(f"unknown text encoder {name!r}: use openclip:hf-hub:<repo>, openclip:local-dir:<dir>, "
+    raise UserError(f"unknown text encoder {name!r}: use openclip:hf-hub:<repo>, openclip:local-dir:<dir>, "
                      "t5:<id or path> or tiny-clip[:<len>]")
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .cli import run_cli
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,11 +63,11 @@ def main(argv=None) -> Path:
     from .sampling import image_grid
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     pipe = MicroDiTPipeline.from_pretrained(args.checkpoint, image_autoencoder=args.image_autoencoder,
                                             text_encoder=args.text_encoder, device=args.device,
                                             dtype=DTYPES[args.dtype], preset=args.preset)
+    out.mkdir(parents=True, exist_ok=True)             # only once the model and encoders have loaded
     images = pipe.generate(args.prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                            images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
                            progress=not args.no_progress)
@@ -88,4 +90,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -39,6 +39,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from .bench import PEAK_BF16_FLOPS, peak_bf16_flops, train_step_flops
+from .cli import run_cli
 from .cuda_rules import cpu_autocast_like_cuda
 from .edm import EDMConfig, edm_loss
 from .model import create_model
@@ -330,4 +331,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

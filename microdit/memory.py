@@ -35,6 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .cli import run_cli
 from .cuda_rules import cpu_autocast_like_cuda, cuda_rules_on_cpu, fake_tensors, to_fake
 from .edm import EDMConfig, edm_loss
 from .model import DiTBlock, create_model
@@ -290,4 +291,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -26,6 +26,7 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
+from .cli import UserError
 from .diffusers_model import MicroDiTTransformer2DModel
 from .edm import EDMConfig
 from .encoders import (DEFAULT_IMAGE_AUTOENCODER, DEFAULT_TEXT_ENCODER, DiffusersAutoencoder, load_image_autoencoder,
@@ -121,10 +122,10 @@ class MicroDiTPipeline(DiffusionPipeline):
     def _check(self, encoder):
         cfg = self.transformer.config
         if hasattr(encoder, "dim") and encoder.dim != cfg.caption_channels:
-            raise ValueError(f"text encoder {encoder.name!r} gives {encoder.dim}-wide embeddings but the model expects "
+            raise UserError(f"text encoder {encoder.name!r} gives {encoder.dim}-wide embeddings but the model expects "
                              f"caption_channels={cfg.caption_channels}: pass the encoder it was trained with")
         if hasattr(encoder, "latent_channels") and encoder.latent_channels != cfg.in_channels:
-            raise ValueError(f"image autoencoder {encoder.name!r} has {encoder.latent_channels} latent channels but "
+            raise UserError(f"image autoencoder {encoder.name!r} has {encoder.latent_channels} latent channels but "
                              f"the model expects in_channels={cfg.in_channels}")
         return encoder
 
@@ -165,12 +166,12 @@ class MicroDiTPipeline(DiffusionPipeline):
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or images_per_prompt < 1 or batch_size < 1 or num_inference_steps < 1:
-            raise ValueError("need at least one prompt, images_per_prompt >= 1, batch_size >= 1 and steps >= 1")
+            raise UserError("need at least one prompt, images_per_prompt >= 1, batch_size >= 1 and steps >= 1")
         seed = random.SystemRandom().randrange(2 ** 31) if seed is None else int(seed)
         self.last_seed = seed
         texts = [p for p in prompts for _ in range(images_per_prompt)]
         if noise_seeds is not None and len(noise_seeds) != len(texts):
-            raise ValueError(f"noise_seeds: expected one per image ({len(texts)}), got {len(noise_seeds)}")
+            raise UserError(f"noise_seeds: expected one per image ({len(texts)}), got {len(noise_seeds)}")
 
         def noise_of(i):
             if noise_seeds is None:
@@ -206,7 +207,7 @@ class MicroDiTPipeline(DiffusionPipeline):
         """diffusers' calling convention: `.images` holds PIL images (output_type "pil"), a float array in
         [0, 1] (N, H, W, 3) ("np") or the latents ("latent")."""
         if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type {output_type!r}: use 'pil', 'np' or 'latent'")
+            raise UserError(f"output_type {output_type!r}: use 'pil', 'np' or 'latent'")
         latents = self.generate_latents(prompt, num_inference_steps, guidance_scale, seed, num_images_per_prompt,
                                         batch_size, progress)
         if output_type == "latent":

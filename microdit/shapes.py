@@ -27,6 +27,8 @@ from typing import Iterator
 
 from PIL import Image, ImageDraw
 
+from .cli import check_positive, run_cli
+
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 SHAPES = ("circle", "square", "triangle")
 # Well separated in RGB (and still after a 4x downsize blends them with the background).
@@ -279,6 +281,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="same seed -> same images")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
+    check_positive(n=args.n, resolution=args.resolution)
     from .manifest import write_png_atomic
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,4 +293,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

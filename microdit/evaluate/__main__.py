@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import fields
+
+from microdit.cli import run_cli
 
 from .config import SUITES, EvalConfig
 
@@ -52,18 +53,12 @@ def main(argv=None) -> int:
     threads = args.pop("threads") or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else None)
     if threads:
         torch.set_num_threads(threads)
-    from microdit.encoders import MissingWeightsError
-
     from .run import evaluate, format_report
     checkpoint, suites = args.pop("checkpoint"), args.pop("suite")
-    try:
-        report = evaluate(checkpoint, suites, **args)
-    except (MissingWeightsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = evaluate(checkpoint, suites, **args)
     print(format_report(report))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

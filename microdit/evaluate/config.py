@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from microdit.cli import UserError
+
 SUITES = ("shapes", "fid30k", "geneval", "clip")
 
 
@@ -43,7 +45,11 @@ class EvalConfig:
         self.suites = tuple(self.suites)
         bad = [s for s in self.suites if s not in SUITES]
         if bad or not self.suites:
-            raise ValueError(f"unknown evaluation suites {bad or '(none)'}: choose from {SUITES}")
+            raise UserError(f"unknown evaluation suites {bad or '(none)'}: choose from {SUITES}")
+        for name in ("steps", "batch_size", "shapes_prompts_per_task", "images_per_prompt", "shapes_real_images",
+                     "num_samples"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: give a positive number")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -6,8 +6,9 @@
   PIL bicubic (with PIL's antialiasing) to the extractor's input size, clipped to [0, 255].
 - `InceptionFeatures`: the TF-ported Inception-v3 TorchScript (`inception-2015-12-05.pt`, the network of
   the original TF FID code, as used by clean-fid and StyleGAN2/3 metrics), 2048-d pool features of
-  299 x 299 float images in [0, 255]. Loaded from a local file or URL (cached in torch's hub folder);
-  `MissingWeightsError` when it is neither on disk nor downloadable.
+  299 x 299 float images in [0, 255]. Loaded from a local file or URL (cached in torch's hub folder); a
+  download is loaded only when its sha256 equals the pin ($MICRODIT_INCEPTION_SHA256), checked again
+  before every load of the cached file; `MissingWeightsError` when it is neither on disk nor downloadable.
 - `RandomConvFeatures`: a fixed, seeded random conv network (no downloaded weights): the feature space of
   the shapes Fréchet distance, and the Inception stand-in in tests.
 """
@@ -20,10 +21,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from microdit.cli import UserError
 from microdit.encoders import MissingWeightsError
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_ENV = "MICRODIT_INCEPTION"       # a local path (or URL) that overrides the default
+# A downloaded network is loaded only when its sha256 equals the pin. The pin of the NVIDIA file is taken
+# from INCEPTION_SHA256_ENV (64 hex digits, e.g. `sha256sum inception-2015-12-05.pt` on a machine you
+# trust); without one, a download is refused. An explicit local path (--inception PATH) is the user's own file.
+INCEPTION_SHA256_ENV = "MICRODIT_INCEPTION_SHA256"
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
@@ -103,6 +109,33 @@ class InceptionFeatures(torch.nn.Module):
         return self.model(x, return_features=True).reshape(len(x), -1)
 
 
+def sha256_file(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_sha256(path: Path, expected: str, what: str) -> Path:
+    """`path` when its sha256 is `expected`; anything else is refused before it is loaded."""
+    got = sha256_file(path)
+    if got != expected.lower():
+        raise UserError(f"{what} {path} has sha256 {got}, not the pinned {expected}: refusing to load it; "
+                        "delete the file and download it again from the official URL")
+    return path
+
+
+def _inception_pin(source: str) -> str:
+    pin = os.environ.get(INCEPTION_SHA256_ENV, "").strip().lower()
+    if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
+        raise UserError(f"Inception weights from {source}: no sha256 pin to check the download against: set "
+                        f"${INCEPTION_SHA256_ENV} to the file's sha256 (64 hex digits) from a source you trust, "
+                        "or download the file yourself and pass its path with --inception")
+    return pin
+
+
 def _fetch_inception(source: str) -> Path:
     if not source.startswith(("http://", "https://")):
         if not Path(source).is_file():
@@ -111,16 +144,24 @@ def _fetch_inception(source: str) -> Path:
         return Path(source)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / source.rsplit("/", 1)[-1]
     if cached.is_file():
-        return cached
+        return check_sha256(cached, _inception_pin(source), "cached Inception weights")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("MICRODIT_OFFLINE") == "1":
         raise MissingWeightsError(f"Inception weights are not cached at {cached} and downloads are off "
                                   f"(offline): fetch {source} there, or pass a local path with --inception")
+    pin = _inception_pin(source)
+    part = cached.with_name(cached.name + ".part")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(source, str(cached), progress=True)
+        torch.hub.download_url_to_file(source, str(part), progress=True)
     except Exception as e:   # network errors come in many types; the message says what to do
         raise MissingWeightsError(f"could not download Inception weights from {source} ({e}); fetch the file "
                                   f"by hand and pass its path with --inception or ${INCEPTION_ENV}") from e
+    try:
+        check_sha256(part, pin, "downloaded Inception weights")
+    except UserError:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, cached)                  # only a checked file ever carries the cached name
     return cached
 
 

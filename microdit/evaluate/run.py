@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 
+from microdit.cli import UserError
 from microdit.configs import check_fields
 from microdit.manifest import CostMeter, Manifest, folder_bytes, write_json_atomic, write_png_atomic
 from microdit.sampling import image_grid
@@ -50,6 +51,18 @@ class LazyGenerator:
         return self.get().resolution
 
 
+def _check_checkpoint(checkpoint: str) -> None:
+    """A missing local checkpoint is named; a hub id must be in the cache or downloadable now."""
+    from microdit.checkpoint import _hub_snapshot
+    from microdit.encoders import is_hub_id
+    if Path(checkpoint).exists():
+        return
+    if not is_hub_id(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint}: no such folder or file (a MicroDiT folder, a released "
+                                ".pt file, or a hub id owner/name)")
+    _hub_snapshot(checkpoint)
+
+
 def default_out_dir(checkpoint: str) -> Path:
     p = Path(checkpoint)
     if p.is_dir():
@@ -79,7 +92,7 @@ def check_image_folder(folder: Path, cfg: EvalConfig) -> None:
         have = json.loads(path.read_text())
         if have != want:
             diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
-            raise ValueError(f"{folder} holds images generated with other settings {diff} (old, new): pass "
+            raise UserError(f"{folder} holds images generated with other settings {diff} (old, new): pass "
                              "another --out-dir or delete the folder to regenerate")
     else:
         write_json_atomic(path, want)
@@ -244,6 +257,7 @@ def evaluate(checkpoint: str, suites=("shapes",), out_dir: str | None = None, **
     import torch
     check_fields(EvalConfig, options, "EvalConfig")
     cfg = EvalConfig(checkpoint=str(checkpoint), suites=tuple(suites), out_dir=out_dir, **options)
+    _check_checkpoint(cfg.checkpoint)                  # before any output folder exists
     out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "report.json"

@@ -17,6 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..cli import UserError
 from ..configs import check_fields
 from ..edm import EDMConfig
 
@@ -89,25 +90,96 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path) -> "TrainConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e}): fix the TrainConfig file") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{path}: a TrainConfig file holds a JSON object of fields")
+        return cls.from_dict(d)
 
     def replace(self, **changes) -> "TrainConfig":
+        check_fields(TrainConfig, changes, "TrainConfig")
         return replace(self, **changes)
 
     def validate(self) -> None:
+        """Refuse a config that cannot train, naming the field and what to give instead (before any output)."""
+        from ..model import PRESETS
+        if self.preset not in PRESETS:
+            raise UserError(f"TrainConfig.preset {self.preset!r} is not a model preset: choose one of "
+                            f"{', '.join(sorted(PRESETS))}")
+        for name in ("steps", "batch_size", "resolution", "keep_checkpoints", "log_every", "sample_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"TrainConfig.{name} is {getattr(self, name)!r}: give a positive whole number "
+                                f"(--set {name}=N)")
+        for name in ("micro_batch_size", "warmup_steps", "checkpoint_every", "sample_every", "num_samples"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise UserError(f"TrainConfig.{name} is {getattr(self, name)!r}: give 0 or a positive whole number")
+        for name in ("lr", "moe_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"TrainConfig.{name} is {getattr(self, name)!r}: give a positive number "
+                                f"(--set {name}=1e-3)")
+        for name in ("weight_decay", "grad_clip", "final_lr_fraction", "max_wall_seconds", "P_std", "sigma_data"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"TrainConfig.{name} is {getattr(self, name)!r}: give 0 or more")
+        for name in ("caption_dropout", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"TrainConfig.{name} is {getattr(self, name)!r}: give a value in [0, 1)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UserError(f"TrainConfig.betas is {list(self.betas)}: give two values in [0, 1), e.g. [0.9, 0.999]")
         if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"TrainConfig.schedule is {self.schedule!r}: use 'cosine' or 'constant'")
+            raise UserError(f"TrainConfig.schedule is {self.schedule!r}: use 'cosine' or 'constant'")
         if self.strategy not in ("ddp", "fsdp"):
-            raise ValueError(f"TrainConfig.strategy is {self.strategy!r}: use 'ddp' or 'fsdp'")
+            raise UserError(f"TrainConfig.strategy is {self.strategy!r}: use 'ddp' or 'fsdp'")
         if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"TrainConfig.precision is {self.precision!r}: use 'bf16' or 'fp32'")
+            raise UserError(f"TrainConfig.precision is {self.precision!r}: use 'bf16' or 'fp32'")
         if not 0 <= self.mask_ratio < 1:
-            raise ValueError(f"TrainConfig.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+            raise UserError(f"TrainConfig.mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if not self.data:
-            raise ValueError("TrainConfig.data is empty: give at least one latent set folder (--data DIR)")
+            raise UserError("TrainConfig.data is empty: give at least one latent set folder (--data DIR)")
+        for folder in [*self.data, *([self.val_data] if self.val_data else [])]:
+            if "://" not in str(folder) and not (Path(folder) / "schema.json").is_file():
+                what = "no such folder" if not Path(folder).exists() else "not a latent set (no schema.json)"
+                raise UserError(f"latent set {folder}: {what}: make it with dataprep.precompute (or "
+                                "dataprep.synthetic) and pass its folder")
         if self.data_proportions and len(self.data_proportions) != len(self.data):
-            raise ValueError(f"TrainConfig.data_proportions has {len(self.data_proportions)} entries for "
-                             f"{len(self.data)} data sets")
+            raise UserError(f"TrainConfig.data_proportions has {len(self.data_proportions)} entries for "
+                            f"{len(self.data)} data sets")
+
+    def identity(self) -> dict:
+        """The fields that decide what a stage trains: a rerun into the same out_dir must agree on them."""
+        d = self.to_dict()
+        for name in RUN_ONLY_FIELDS:
+            d.pop(name, None)
+        d["data"] = [_resolved(x) for x in self.data]
+        d["val_data"] = _resolved(self.val_data) if self.val_data else ""
+        d["init_from"] = _resolved(self.init_from) if self.init_from else ""
+        return d
+
+
+# Fields that change how a run is carried out or reported, not what it trains (they may differ on a rerun).
+RUN_ONLY_FIELDS = ("out_dir", "progress", "max_wall_seconds", "log_every", "checkpoint_every", "keep_checkpoints",
+                   "sample_every", "sample_prompts", "num_samples", "sample_steps", "guidance_scale", "compile",
+                   "strategy", "micro_batch_size")
+
+
+def _resolved(path: str) -> str:
+    return str(path) if "://" in str(path) else str(Path(path).resolve())
+
+
+def check_same_run(cfg: TrainConfig, saved: dict, where) -> None:
+    """Refuse to continue (or reuse) a stage folder whose saved config trains something else."""
+    try:
+        old = TrainConfig.from_dict({k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)}})
+    except (UserError, TypeError, ValueError):
+        raise UserError(f"{where} holds a config this version cannot read: use a new --out folder, or remove "
+                        f"{Path(cfg.out_dir)} to start over") from None
+    a, b = old.identity(), cfg.identity()
+    diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    if diff:
+        shown = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in list(diff.items())[:5])
+        raise UserError(f"{cfg.out_dir} was trained with another config ({shown}): use a new --out folder, or "
+                        f"remove {cfg.out_dir} to start over")
 
 
 def batch_split(cfg: TrainConfig, world_size: int) -> tuple[int, int]:

@@ -26,8 +26,8 @@ from . import distributed as dist_utils
 from .config import TrainConfig, batch_split, edm_config
 from .optim import EMA, make_optimizer, make_scheduler
 from .sharded import CheckpointWriter, load_latest, load_train_tensors, train_tensors
-from .state import (CONFIG_NAME, clean_partial, latest_checkpoint, rng_state, set_rng_state, slot_generators,
-                    truncate_metrics, write_folder_atomically)
+from .state import (CONFIG_NAME, check_saved_config, clean_partial, latest_checkpoint, rng_state, set_rng_state,
+                    slot_generators, truncate_metrics, write_folder_atomically)
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,6 +82,7 @@ def train(cfg: TrainConfig, should_stop=None) -> Path:
     """
     cfg.validate()
     final = Path(cfg.out_dir) / "final"
+    check_saved_config(cfg)
     if read_manifest(final) is not None:
         print(f"[{cfg.name}] already finished: {final}", file=sys.stderr)
         return final

@@ -24,6 +24,7 @@ import torch
 from ..manifest import read_manifest
 from .config import STAGES, TrainConfig, stage_configs
 from .loop import TrainingDiverged, train
+from .state import check_saved_config
 
 __all__ = ["TrainConfig", "STAGES", "train", "run_stages", "stage_summary", "ray_train", "TrainingDiverged"]
 
@@ -180,6 +181,12 @@ def main(argv=None) -> None:
                 stages[0] = stages[0].replace(init_from=str(prev))
     else:
         p.error("give --recipe or --config")
+    for i in range(1, len(stages)):            # each stage from the previous one's final weights
+        if not stages[i].init_from:
+            stages[i] = stages[i].replace(init_from=str(Path(stages[i - 1].out_dir) / "final"))
+    for cfg in stages:                         # every stage's config is checked before the first one trains
+        cfg.validate()
+        check_saved_config(cfg)
     check_stage_data(stages)
     if a.ray_workers:
         from ..ray_cluster import ray_session

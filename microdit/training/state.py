@@ -66,6 +66,19 @@ def latest_checkpoint(out_dir) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def check_saved_config(cfg) -> None:
+    """A stage folder trained (or started) with another config is refused, not resumed or reused."""
+    from .config import check_same_run
+    out = Path(cfg.out_dir)
+    for folder in [out / "final", *reversed(checkpoint_dirs(out))]:
+        try:
+            saved = json.loads((folder / CONFIG_NAME).read_text())
+        except (OSError, ValueError):          # absent or unreadable: the next one (resume skips it too)
+            continue
+        check_same_run(cfg, saved, folder / CONFIG_NAME)
+        return
+
+
 def write_folder_atomically(target: Path, fill) -> Path:
     """Call fill(tmp_folder), then rename tmp_folder to target (replacing an older target)."""
     target = Path(target)
