@@ -22,6 +22,7 @@ import random
 import numpy as np
 from PIL import Image, ImageFilter
 
+from microdit.cli import check_positive, run_cli
 from microdit.shapes import all_prompts, generate_shapes
 
 from .rules import Detection, check_image, summarize
@@ -102,6 +103,7 @@ def main(argv=None) -> None:
     ap.add_argument("--resolution", type=int, default=32, help="image side in pixels")
     ap.add_argument("--seed", type=int, default=0, help="source seed (and corruption seed)")
     a = ap.parse_args(argv)
+    check_positive(n=a.n, resolution=a.resolution)
     result = check(a.n, a.resolution, a.seed)
     print(f"{a.n} images at {a.resolution} px: accepted with the true prompt / with a wrong prompt of the same task")
     for name, r in result.items():
@@ -110,4 +112,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..cli import check_positive, run_cli
 from .state import (CorruptCheckpoint, UnsafeCheckpoint, checkpoint_dirs, load_state, save_state,
                     step_folder)
 
@@ -276,13 +277,18 @@ def bench(preset: str = "MicroDiT_Micro_2", saves: int = 3, steps_between: int =
     return rows
 
 
-if __name__ == "__main__":
+def main(argv=None) -> None:
     import argparse
     import json
     p = argparse.ArgumentParser(prog="python -m microdit.training.sharded", description=bench.__doc__)
     p.add_argument("--preset", default="MicroDiT_Micro_2")
     p.add_argument("--saves", type=int, default=3)
     p.add_argument("--steps-between", type=int, default=4)
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    check_positive(saves=a.saves, steps_between=a.steps_between)
     for row in bench(a.preset, a.saves, a.steps_between):
         print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    run_cli(main)
