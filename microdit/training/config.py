@@ -14,7 +14,7 @@ cumulatively within a resolution: stage 2 "to 280K" = 30K steps here).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..cli import UserError
