@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from microdit.cli import UserError, run_cli
 
 SMOOTH = 50          # steps in the running mean of the training loss
 
@@ -180,17 +181,12 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     run = Path(a.run)
     if not run.is_dir():
-        print(f"error: --run {run}: no such run folder (make demo writes runs/local)", file=sys.stderr)
-        return 2
-    try:
-        paths = write_figures(run.resolve(), Path(a.out), Path(a.ledger) if a.ledger else None)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(f"--run {run}: no such run folder (make demo writes runs/local)")
+    paths = write_figures(run.resolve(), Path(a.out), Path(a.ledger) if a.ledger else None)
     for p in paths:
         print(f"{p}  ({p.stat().st_size / 1024:.0f} KB)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, extra_user_errors=(ValueError,))       # a run folder without the figures' inputs

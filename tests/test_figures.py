@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from flows import ledger
@@ -53,11 +54,19 @@ def test_summary_names_the_stages_drawn(tmp_path):
     assert stage_folders(run) == [c.parent for c in chosen]
 
 
+def _exit_code(argv) -> int:
+    """What `python -m flows.figures ARGV` exits with (microdit.cli.run_cli, as its __main__ runs it)."""
+    from microdit.cli import run_cli
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, argv, extra_user_errors=(ValueError,))
+    return e.value.code
+
+
 def test_missing_run_or_ledger_is_one_line_and_exit_2(tmp_path, capsys):
-    assert main(["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "img")]) == 2
+    assert _exit_code(["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "img")]) == 2
     assert capsys.readouterr().err.startswith("error: --run")
     run = finished_run(tmp_path / "runs")
     (tmp_path / "runs" / "ledger.duckdb").unlink()
-    assert main(["--run", str(run), "--out", str(tmp_path / "img")]) == 2
+    assert _exit_code(["--run", str(run), "--out", str(tmp_path / "img")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no cost ledger") and "--ledger" in err and len(err.splitlines()) == 1
