@@ -137,6 +137,7 @@ def test_a_stage_trains_checkpoints_and_exports_a_loadable_model(data, tmp_path)
     assert m["metrics"]["val_loss_end"] < m["metrics"]["val_loss_start"]
     assert math.isfinite(m["metrics"]["final_loss"]) and m["config"]["accumulation"] == 2
     assert json.loads((final / "train_config.json").read_text())["steps"] == 9
+    assert TrainConfig.load(final / "train_config.json") == cfg      # a run's config file runs again as it is
     from microdit.checkpoint import load_model
     model, meta = load_model(str(final))
     assert (meta["image_autoencoder"], meta["text_encoder"], meta["resolution"]) == ("pixel:2", "tiny-clip:4", 16)

@@ -22,6 +22,10 @@ from ..configs import check_fields
 from ..edm import EDMConfig
 
 
+# What a run writes beside its TrainConfig in train_config.json: values resolved when it ran, not settings.
+RESOLVED_FIELDS = ("world_size", "micro_batch", "accumulation", "schema")
+
+
 @dataclass
 class TrainConfig:
     # ---- what to train ----
@@ -90,13 +94,14 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path) -> "TrainConfig":
+        """A TrainConfig JSON file, or a run's train_config.json (its resolved values are left out)."""
         try:
             d = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{path} is not valid JSON ({e}): fix the TrainConfig file") from None
         if not isinstance(d, dict):
             raise UserError(f"{path}: a TrainConfig file holds a JSON object of fields")
-        return cls.from_dict(d)
+        return cls.from_dict({k: v for k, v in d.items() if k not in RESOLVED_FIELDS})
 
     def replace(self, **changes) -> "TrainConfig":
         check_fields(TrainConfig, changes, "TrainConfig")

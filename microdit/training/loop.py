@@ -23,7 +23,7 @@ import torch
 from ..edm import edm_loss
 from ..manifest import CostMeter, Manifest, folder_bytes, read_manifest
 from . import distributed as dist_utils
-from .config import TrainConfig, batch_split, edm_config
+from .config import RESOLVED_FIELDS, TrainConfig, batch_split, edm_config
 from .optim import EMA, make_optimizer, make_scheduler
 from .sharded import CheckpointWriter, load_latest, load_train_tensors, train_tensors
 from .state import (CONFIG_NAME, check_saved_config, clean_partial, latest_checkpoint, rng_state, set_rng_state,
@@ -134,8 +134,8 @@ class StageRun:
         self.loader = self.open_loader()
         self.gens = slot_generators(cfg.seed, ctx.rank, ctx.world_size, self.accum, ctx.device)
         self.writer = CheckpointWriter(self.out, cfg.keep_checkpoints, ctx.rank, ctx.checkpoint_group)
-        self.cfg_dict = {**cfg.to_dict(), "world_size": ctx.world_size, "micro_batch": self.micro,
-                         "accumulation": self.accum, "schema": self.schema.to_dict()}
+        resolved = (ctx.world_size, self.micro, self.accum, self.schema.to_dict())
+        self.cfg_dict = {**cfg.to_dict(), **dict(zip(RESOLVED_FIELDS, resolved))}
 
     def open_schema(self):
         """The latent sets' schema (latent and caption shapes, encoders) at the stage's resolution."""
