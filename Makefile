@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test bench gpu-check lock clean
+.PHONY: setup demo test bench gpu-check lock clean rehearsal
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
@@ -42,6 +42,9 @@ demo: setup          ## the main job: the whole pipeline on the embedded default
 
 test: setup          ## every test but those that need a GPU
 	$(BIN)/python -m pytest -m "not gpu" -q
+
+rehearsal: setup     ## the paper profile's code path at toy size: S3 + 2-node Ray + torchrun x2 + resume (CPU, minutes)
+	OMP_NUM_THREADS=1 $(BIN)/python -m flows.rehearsal
 
 bench: setup
 	$(BIN)/python -m microdit.bench

@@ -3,6 +3,7 @@
     python -m dataprep.data_bench                      # ~2-3 minutes on 2 cores; prints ratios
     python -m dataprep.data_bench --samples 2000 --encoder tiny-kl
     python -m dataprep.data_bench convert              # convert on Ray Data: 2 workers / 1 worker, ~2 minutes
+    python -m dataprep.data_bench reader               # the reader at the paper's column sizes vs an XL step
 
 1. Precompute throughput (samples/s) of the embedded default (shapes 64 px -> 16 and 32 px, pixel:2,
    tiny-clip:16) with 1 and with 2 Ray CPU actors (1 torch thread each) in one Ray session, side by
@@ -15,6 +16,10 @@
 3. `convert`: throughput of `dataprep.convert` (Ray Data actor pool of UnitConverter) with 1 and 2
    workers in one Ray session, side by side, on 512 px noise JPEGs (decode, filter at 256, resize to a
    256 short side, re-encode), 50 records a unit. "steady" as for precompute. Target: 2 / 1 >= 1.6x.
+4. `reader`: the training reader at the paper's column sizes (4x32x32 latents, 77x1024 caption
+   embeddings, float16, batch 256) in the former set-up (no workers, cast to float32 on the main thread)
+   and the current one (float16 batches, 2 DataLoader workers; the cast happens on the device), against
+   one GPU's consumption at XL stage 1 (256 samples per ~0.39 s). Target >= 3x (1,970 samples/s).
 Timings on a shared machine are noisy: compare the ratios, rerun when the machine is quiet.
 """
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 from microdit.cli import check_positive, run_cli
 
 TRAIN_SAMPLES_PER_S = 64 / 0.19          # CPU preset: batch 64 at ~0.19 s a step (brief, "embedded default")
+XL_STAGE1_SAMPLES_PER_S = 256 / 0.39     # one GPU's consumption at XL stage 1: 256 samples per ~0.39 s step
 
 
 def make_shapes_set(root: Path, n: int, resolution: int = 64) -> Path:
@@ -204,10 +210,46 @@ def bench_read(latents: Path, root: Path, batch_size: int = 64, epochs: int = 3)
     return best
 
 
+def bench_paper_reader(root: Path, samples: int = 3072, batch_size: int = 256, epochs: int = 2) -> dict:
+    """Reader samples/s with the paper's column sizes (4x32x32 latents, 77x1024 captions, float16) in three
+    set-ups, side by side: the former path (no workers, the batch cast to float32 on the main thread), float16
+    batches without workers, and float16 batches stacked by 2 DataLoader workers. Steady rate: from the first
+    batch to the last (worker start-up, paid once per run, excluded); best of `epochs`."""
+    import torch
+
+    from microdit.data import latent_loader
+    from .synthetic import random_latent_set
+    lat = random_latent_set(root / "paper-sized", n=samples, resolutions=(256,), channels=4, downsample=8,
+                            caption_len=77, caption_dim=1024)
+    setups = {"former: no workers, float32 cast on the host": (0, True),
+              "float16 batches, no workers": (0, False),
+              "float16 batches, 2 loader workers": (2, False)}
+    out = {}
+    for label, (workers, host_cast) in setups.items():
+        best = 0.0
+        for e in range(epochs):
+            loader = latent_loader([lat], resolution=256, batch_size=batch_size, seed=e, shuffle=True,
+                                   run_dir=root / f"paper-read-{workers}-{int(host_cast)}-{e}", num_workers=workers)
+            n, t0 = 0, None
+            for batch in loader:
+                if host_cast:
+                    batch["latents"], batch["caption"] = batch["latents"].float(), batch["caption"].float()
+                if t0 is None:
+                    t0 = time.perf_counter()
+                else:
+                    n += batch["latents"].shape[0]
+            best = max(best, n / (time.perf_counter() - t0))
+            del loader
+        out[label] = best
+        print(f"  {label:48s} {best:8,.0f} samples/s")
+    torch.set_num_threads(1)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m dataprep.data_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", nargs="?", default="precompute", choices=["precompute", "convert"],
-                   help="precompute (+ read) benchmark, or the convert benchmark")
+    p.add_argument("what", nargs="?", default="precompute", choices=["precompute", "convert", "reader"],
+                   help="precompute (+ read) benchmark, the convert benchmark, or the reader at the paper's sizes")
     p.add_argument("--samples", type=int, default=6000, help="shapes samples to precompute (convert: 1500 JPEGs)")
     p.add_argument("--encoder", default="pixel:2", help="image autoencoder (pixel:2 is the embedded default)")
     p.add_argument("--rounds", type=int, default=2, help="convert: alternating 1- and 2-worker rounds")
@@ -222,6 +264,14 @@ def main(argv=None) -> None:
     root = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="dataprep-bench-"))
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (others' work skews all figures)")
     try:
+        if a.what == "reader":
+            print("read at the paper's sizes (4x32x32 latents + 77x1024 captions, float16; batch 256, 3072 samples):")
+            r = bench_paper_reader(root)
+            best = max(r.values())
+            print(f"  best / XL stage-1 consumption per GPU ({XL_STAGE1_SAMPLES_PER_S:,.0f} samples/s): "
+                  f"{best / XL_STAGE1_SAMPLES_PER_S:.2f}x (target >= 3x = {3 * XL_STAGE1_SAMPLES_PER_S:,.0f} "
+                  "samples/s)")
+            return
         if a.what == "convert":
             n = a.samples if a.samples != 6000 else 1500
             print(f"convert ({n} JPEGs 512x384 -> 256 short side, 50 a unit, Ray Data, 2 CPUs, {a.rounds} rounds):")

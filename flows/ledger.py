@@ -26,6 +26,7 @@ import duckdb
 
 from microdit.cli import UserError, one_line, run_cli
 from microdit.manifest import Manifest
+from microdit.storage import location
 
 from .prices import PriceList, load_prices
 
@@ -160,7 +161,7 @@ def connect(db: str | os.PathLike = DEFAULT_DB, read_only: bool = False, timeout
 
 
 def asset_id(path: str | os.PathLike, config_hash: str) -> str:
-    key = f"{Path(path).resolve()}|{config_hash}"
+    key = f"{location(path)}|{config_hash}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -180,7 +181,7 @@ class Ingested:
 def ingest(folders, *, profile: str, run_id: str, step: str | None = None, db=DEFAULT_DB,
            prices: PriceList | None = None, flow_run_id: str | None = None) -> list[Ingested]:
     """Record the finished assets in `folders` (each with manifest.json) in ONE transaction."""
-    folders = [Path(f).resolve() for f in ([folders] if isinstance(folders, (str, os.PathLike)) else folders)]
+    folders = [location(f) for f in ([folders] if isinstance(folders, (str, os.PathLike)) else folders)]
     manifests = [Manifest.read(f) for f in folders]        # raises naming the folder if a step is unfinished
     prices = prices or load_prices()
     out = []
@@ -214,8 +215,7 @@ def _ingest_one(con, folder: Path, m: Manifest, profile, run_id, step, prices, f
                         [lineage]).fetchone() if m.kind == "checkpoint" else (0, 0, 0, 0)
     wall, cpu, gpu = (max(0.0, x - p) for x, p in zip((m.wall_seconds, m.cpu_seconds, m.gpu_seconds), prior))
     samples = max(0, int(m.samples) - int(prior[3]))
-    parents = [str(Path(p).resolve()) if not str(p).startswith(("http:", "https:", "s3:", "hf:")) else str(p)
-               for p in m.parents]
+    parents = [str(p) if str(p).startswith(("http:", "https:", "hf:")) else location(p) for p in m.parents]
     parent_ids = [r[0] for r in con.execute(
         "SELECT asset_id FROM assets WHERE list_contains(?, path) ORDER BY created_at", [parents]).fetchall()]
     usd = prices.price(cpu_seconds=cpu, gpu_seconds=gpu, gpu_type=m.gpu_type, bytes=m.bytes)

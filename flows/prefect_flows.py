@@ -195,7 +195,7 @@ def train_flow(profile: str = "local", latents: list[str] | None = None, overrid
     latents = latents or precompute_flow(profile, None, overrides, run_name, root, ledger_db, budget_usd)
     rate = load_prices().usd_per_second(num_gpus=p.num_gpus, gpu_type=p.gpu_type, cpu_cores=p.cpu_cores)
     done, status = [], "complete"
-    for cfg in steps.stage_configs(p, [Path(x) for x in latents], run):
+    for cfg in steps.stage_configs(p, list(latents), run):       # folders or URLs
         if steps.stage_complete(cfg):
             log.info("skip %s (finished): %s", cfg.name, steps.final_folder(cfg))
             progress.record(run, f"train:{cfg.name}", "skip")
@@ -211,7 +211,7 @@ def train_flow(profile: str = "local", latents: list[str] | None = None, overrid
             if guard is not None:
                 log.info("%s: $%.6f spent of $%g; training stops before passing it", cfg.name, before, budget_usd)
             train = train_stage_task.with_options(name=f"train-{cfg.name}")
-            ckpt = train(cfg, guard, p.launcher, max(p.num_gpus, 1), run)
+            ckpt = train(cfg, guard, p.launcher, p.train_processes or max(p.num_gpus, 1), run)
             stage_artifact(cfg, ckpt)
         record_task([ckpt], f"train:{cfg.name}", p.name, run_id, db)
         done.append(ckpt)

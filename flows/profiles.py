@@ -27,7 +27,7 @@ class DataSource:
 
 @dataclass(frozen=True)
 class Profile:
-    name: str                                  # local | subset | paper
+    name: str                                  # local | subset | paper | rehearsal
     description: str                           # one line for --help and the docs
     # ---- data ----
     datasets: tuple = ()                       # DataSource per training set
@@ -44,16 +44,25 @@ class Profile:
     download_threads: int = 64                 # img2dataset threads per process: downloads wait on the network
     short_side: int = 512                      # larger ones are resized to this short side first (the paper: 512)
     precompute_batch_size: int = 32            # images per encoder call
-    precompute_workers: int | None = None      # encoder actors (None = one per GPU, else one per CPU)
+    precompute_workers: int | None = None      # encoder actors at most (None = one per GPU, else one per CPU)
+    precompute_min_workers: int = 1            # actors the autoscaling pool keeps when work runs out
+    precompute_gpus_per_worker: float | None = None  # GPUs each actor asks Ray for (None = 1 on a GPU machine, else 0)
+    precompute_resources: dict = field(default_factory=dict)  # custom Ray resources per actor ({"latent_encoder": 1})
     precompute_threads: int | None = None      # torch threads per CPU actor (None = CPUs // workers)
+    precompute_unit_samples: int | None = None  # samples per restartable work unit (None = precompute's rule)
     ray_address: str | None = None             # None = Ray started locally by the step; "auto" = a cluster
     ray_num_cpus: int | None = None            # local Ray only: CPUs it may use (None = all)
+    latents_url: str | None = None             # object storage for latent sets (s3://bucket/prefix; None = run folder)
+    cache_limit: str = ""                      # training's local cache of latents read from a URL ("" = unbounded)
+    num_canonical_nodes: int = 1               # the shuffle's node count: fixed across resumes and cluster sizes
+    loader_workers: int = 0                    # DataLoader worker processes per training rank
     # ---- training ----
     recipe: str = "cpu"                        # microdit.training STAGES key: "cpu" or "paper"
     steps_scale: float = 1.0                   # every stage's steps x this (subset: a short run of each)
     stages: tuple = ()                         # which stages to run, 1-based (empty = all four, in order)
     train_overrides: dict = field(default_factory=dict)  # TrainConfig fields applied to every stage
     launcher: str = "inprocess"                # "inprocess" (the flow's process) or "torchrun" (infra/torchrun.sh)
+    train_processes: int = 0                   # torchrun processes on the node (0 = num_gpus, at least 1)
     num_gpus: int = 0                          # GPUs training uses (0 = CPU); prices the budget guard
     gpu_type: str = ""                         # infra/prices.toml [gpu] key, e.g. "H100-80GB"
     cpu_cores: int = 2                         # cores a CPU run uses (prices CPU-only training)
@@ -100,8 +109,8 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
         description="a small fraction of the real sets, real encoders, one GPU node (8 GPUs), a short run of each stage",
         datasets=(DataSource("cc12m", samples=200_000), DataSource("diffusiondb", samples=100_000)),
         image_autoencoder="sdxl", text_encoder="openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378",
-        resolutions=(256, 512), precompute_batch_size=64, precompute_workers=8,
-        recipe="paper", steps_scale=0.02, launcher="torchrun", num_gpus=8, gpu_type="H100-80GB", cpu_cores=0,
+        resolutions=(256, 512), precompute_batch_size=64, precompute_workers=8, precompute_gpus_per_worker=1,
+        loader_workers=4, recipe="paper", steps_scale=0.02, launcher="torchrun", num_gpus=8, gpu_type="H100-80GB", cpu_cores=0,
         eval_suites=("fid30k", "geneval", "clip"), eval_dataset="coco2014-val",
         eval_kwargs={"num_samples": 5000, "device": "cuda"}),
     Profile(
@@ -110,9 +119,32 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
         datasets=(DataSource("sa1b"), DataSource("cc12m"), DataSource("journeydb"), DataSource("diffusiondb")),
         image_autoencoder="sdxl", text_encoder="openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378",
         resolutions=(256, 512), precompute_batch_size=64, ray_address="auto",
+        # an autoscaling pool of up to 8 one-GPU encoder actors: pending actors make the autoscaler start
+        # GPU nodes (infra/ray/cluster.yaml has min_workers 0); latents: docs/data.md, "Storage plan"
+        precompute_workers=8, precompute_min_workers=1, precompute_gpus_per_worker=1, loader_workers=4,
         recipe="paper", steps_scale=1.0, launcher="torchrun", num_gpus=8, gpu_type="H100-80GB", cpu_cores=0,
         eval_suites=("fid30k", "geneval", "clip"), eval_dataset="coco2014-val",
         eval_kwargs={"num_samples": 30000, "device": "cuda"}),
+    Profile(
+        name="rehearsal",
+        description="the paper's code path at toy size on one CPU machine: latents in S3 (loopback), a 2-node "
+                    "Ray cluster with declared resources, torchrun x2 (DDP over gloo), a resume",
+        datasets=(DataSource("shapes", samples=600),),
+        image_autoencoder="tiny-kl", text_encoder="tiny-clip:16", resolutions=(16, 32),
+        min_image_size=32, short_side=64, precompute_batch_size=50,
+        # `python -m flows.rehearsal` starts the S3 server and the cluster and fills in ray_address; the
+        # encoder node declares latent_encoder=2, the head none: every actor must land on the encoder node
+        precompute_workers=2, precompute_min_workers=1, precompute_threads=1, precompute_gpus_per_worker=0,
+        precompute_resources={"latent_encoder": 1}, latents_url="s3://micro-budget-rehearsal/latents",
+        precompute_unit_samples=50, cache_limit="1mb", loader_workers=1,
+        recipe="cpu", steps_scale=0.02, stages=(1, 3), launcher="torchrun", train_processes=2,
+        # DDP over gloo: FSDP (SHARD_GRAD_OP, FSDP1) needs an accelerator; the rehearsal switches to FSDP once
+        # the trainer shards with FSDP2 (fully_shard), which runs over gloo on CPU
+        train_overrides={"strategy": "ddp", "checkpoint_every": 5, "num_samples": 4, "sample_steps": 4},
+        num_gpus=0, cpu_cores=2,
+        eval_suites=("shapes",), eval_kwargs={"steps": 4, "guidance": 3.0, "shapes_prompts_per_task": 2,
+                                              "images_per_prompt": 1, "shapes_real_images": 50},
+        download_retries=1, retry_delay=1.0),
 ]}
 
 

@@ -79,35 +79,46 @@ def download_step(profile: Profile, source: DataSource, run: Path,
 
 
 def precompute_config(profile: Profile, raw: Path, run: Path):
+    """The latent set's PrecomputeConfig and where it goes: runs/<run>/latents/<name>-<hash>, or
+    <profile.latents_url>/<run>/<name>-<hash> in object storage (staged under runs/<run>/staging)."""
     from dataprep.precompute import PrecomputeConfig
     fields = {"resolutions": tuple(profile.resolutions), "image_autoencoder": profile.image_autoencoder,
               "text_encoder": profile.text_encoder, "batch_size": profile.precompute_batch_size,
-              "workers": profile.precompute_workers, "threads": profile.precompute_threads,
+              "workers": profile.precompute_workers, "min_workers": profile.precompute_min_workers,
+              "gpus_per_worker": profile.precompute_gpus_per_worker,
+              "resources": dict(profile.precompute_resources), "threads": profile.precompute_threads,
+              "unit_samples": profile.precompute_unit_samples,
               "address": profile.ray_address, "num_cpus": profile.ray_num_cpus,
               "min_size": profile.min_image_size, "short_side": profile.short_side}
     cfg = PrecomputeConfig(input=str(raw), out="", **fields)
-    # the folder is named by what determines the latents (not by workers, threads or batch size)
-    out = asset_folder(run / "latents", raw.name.rsplit("-", 1)[0], cfg.identity())
-    cfg.out = str(out)
-    return cfg, out
+    # the set is named by what determines the latents (not by workers, threads or batch size)
+    local = asset_folder(run / "latents", raw.name.rsplit("-", 1)[0], cfg.identity())
+    if profile.latents_url:
+        cfg.out = f"{profile.latents_url.rstrip('/')}/{run.name}/{local.name}"
+        cfg.staging = str(run / "staging" / local.name)
+        return cfg, cfg.out
+    cfg.out = str(local)
+    return cfg, local
 
 
-def precompute_step(profile: Profile, raw: Path, run: Path, budget: RunBudget | None = None) -> tuple[Path, bool]:
-    """One latent set (dataprep.precompute, Ray in local mode unless the profile names a cluster)."""
+def precompute_step(profile: Profile, raw: Path, run: Path, budget: RunBudget | None = None
+                    ) -> tuple[Path | str, bool]:
+    """One latent set (dataprep.precompute, Ray in local mode unless the profile names a cluster);
+    a folder, or a URL when the profile keeps latents in object storage."""
     from dataprep.precompute import precompute
     cfg, out = precompute_config(profile, raw, run)
     if finished(out):
         return out, True
     if budget is not None:
         budget.check(f"precomputing {raw.name}")
-    return Path(precompute(cfg)), False
+    return precompute(cfg), False
 
 
 # ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
 
-def stage_configs(profile: Profile, latents: list[Path], run: Path) -> list:
+def stage_configs(profile: Profile, latents: list, run: Path) -> list:
     """The profile's four stages on `latents`; out_dir = runs/<run>/train/<stage>-<hash>; chained by init_from."""
     from microdit.training.config import STAGES
     stages, prev = [], ""
@@ -117,7 +128,9 @@ def stage_configs(profile: Profile, latents: list[Path], run: Path) -> list:
             raise ValueError(f"profile.stages has {i}: stages are numbered 1-{len(recipe)}")
     for s in [recipe[i - 1] for i in profile.stages] if profile.stages else recipe:
         steps = max(1, round(s.steps * profile.steps_scale))
-        cfg = s.replace(data=[str(p) for p in latents], steps=steps, init_from=prev, **profile.train_overrides)
+        cfg = s.replace(data=[str(p) for p in latents], steps=steps, init_from=prev,
+                        num_canonical_nodes=profile.num_canonical_nodes, loader_workers=profile.loader_workers,
+                        cache_limit=profile.cache_limit, **profile.train_overrides)
         key = {k: v for k, v in cfg.to_dict().items() if k not in ("out_dir", "progress")}
         cfg = cfg.replace(out_dir=str(asset_folder(run / "train", s.name, key)))
         stages.append(cfg)

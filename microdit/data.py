@@ -1,38 +1,40 @@
 """The training reader: MosaicML streaming over one or more precomputed latent sets.
 
-    from microdit.data import latent_loader
+    from microdit.data import latent_loader, to_device
     loader = latent_loader(["data/shapes-latents"], resolution=16, batch_size=64, seed=0, run_dir="runs/s1")
-    for batch in loader: batch["latents"] (N, C, h, w) float32, batch["caption"] (N, L, Dc) float32
+    for batch in loader: x, y = to_device(batch, "cuda")    # (N, C, h, w), (N, L, Dc) float32 on the device
 
 A latent set is the folder `dataprep.precompute` writes: MDS shards (indexes merged at the top),
-`schema.json` (microdit.schema.LatentSchema) and `manifest.json`. Several sets are mixed by
-proportion (`streaming.Stream(proportion=...)`); the order is deterministic for a seed; the position
-is resumable (`loader.state_dict()` / `loader.load_state_dict()`, StreamingDataLoader). Caption dropout
-is applied by the trainer with its own checkpointed generator (`caption_dropout`), so that it too
-replays exactly after a resume. Only the columns training needs are decoded (one resolution's latents,
-the caption embeddings, the id), local shards are read through a memory map, and a batch is cast to
-float32 once (`decode_only`, `collate_latents`); `python -m dataprep.data_bench` measures it.
+`schema.json` (microdit.schema.LatentSchema) and `manifest.json`, or the same in object storage
+(`s3://bucket/prefix`: streamed through a local cache bounded by `cache_limit`). Several sets are mixed
+by proportion (`streaming.Stream(proportion=...)`); the order is deterministic for a seed and
+`num_canonical_nodes`; the position is resumable (`loader.state_dict()` / `loader.load_state_dict()`,
+StreamingDataLoader). Caption dropout is applied by the trainer with its own checkpointed generator
+(`caption_dropout`), so that it too replays exactly after a resume. Only the columns training needs are
+decoded (one resolution's latents, the caption embeddings, the id), local shards are read through a
+memory map, batches are stacked in DataLoader workers as float16 (pinned when CUDA is there) and cast
+to float32 on the device (`decode_only`, `collate_latents`, `to_device`); `python -m dataprep.data_bench`
+measures it.
 
-Streaming keeps file locks in $TMPDIR and shared memory in /dev/shm. `prepare_run_tmp` gives each run
-its own TMPDIR (cleared at start) and unlinks the shared memory a previous, killed run of the same
-folder left behind (only its own prefix, recorded with its pid; never another live process's).
+Streaming keeps file locks in $TMPDIR and shared memory in /dev/shm: `microdit.streaming_tmp` gives
+each run its own TMPDIR and unlinks what a killed run of the same folder left behind.
 """
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .schema import LatentSchema
+from .storage import cache_folder, download_file, is_remote, join, read_json
+from .streaming_tmp import _tmpdir, prepare_run_tmp, record_shm_prefix
 
-SHM_RECORD = "streaming_shm.json"
+__all__ = ["latent_loader", "to_device", "close_loader", "LatentSet", "caption_dropout", "open_latent_sets",
+           "index_columns", "collate_latents", "decode_only", "local_view", "prepare_run_tmp"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,12 +42,13 @@ SHM_RECORD = "streaming_shm.json"
 # --------------------------------------------------------------------------------------------
 
 def index_columns(folder) -> dict[str, str]:
-    """Column name -> encoding of the MDS shards under `folder` (from the merged index.json)."""
-    path = Path(folder) / "index.json"
-    if not path.exists():
+    """Column name -> encoding of the MDS shards under `folder` or URL (from the merged index.json)."""
+    path = join(folder, "index.json")
+    index = read_json(path)
+    if index is None:
         raise FileNotFoundError(f"{path} is missing: {folder} holds no merged MDS index (run "
                                 "`python -m dataprep.precompute` to completion, or merge the writers' indexes)")
-    shards = json.loads(path.read_text()).get("shards", [])
+    shards = index.get("shards", [])
     if not shards:
         raise ValueError(f"{path} lists no shards: the latent set {folder} is empty")
     cols = dict(zip(shards[0]["column_names"], shards[0]["column_encodings"]))
@@ -86,11 +89,27 @@ def _to_tensor(arr) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
 
 
+def _stack(arrays: list) -> torch.Tensor:
+    """One copy: the samples are stacked straight into the batch tensor, which a DataLoader worker
+    allocates in shared memory (so handing it to the training process copies nothing more)."""
+    out = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.from_numpy(np.empty(0, arrays[0].dtype)).dtype)
+    if torch.utils.data.get_worker_info() is not None:
+        out.share_memory_()
+    np.stack(arrays, out=out.numpy())
+    return out
+
+
 def collate_latents(items: list) -> dict:
-    """Stack a batch of float16 samples once and cast to float32 (cheaper than per-sample casts)."""
-    return {"latents": torch.from_numpy(np.stack([it["latents"] for it in items])).float(),
-            "caption": torch.from_numpy(np.stack([it["caption"] for it in items])).float(),
+    """Stack a batch as stored (float16): half the bytes to copy, pin and move; `to_device` casts."""
+    return {"latents": _stack([it["latents"] for it in items]), "caption": _stack([it["caption"] for it in items]),
             "sample_id": [it["sample_id"] for it in items]}
+
+
+def to_device(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, caption) of a loader batch on `device` as float32: moved as float16 (from pinned
+    memory without blocking when on CUDA), cast there, not on the host's main thread."""
+    return (batch["latents"].to(device, non_blocking=True).float(),
+            batch["caption"].to(device, non_blocking=True).float())
 
 
 def _decoder(encoding: str):
@@ -187,25 +206,61 @@ def _make_dataset_class():
 
 
 def latent_loader(folders, resolution: int, batch_size: int, seed: int = 0, shuffle: bool = True,
-                  proportions=None, run_dir=None, drop_last: bool = True):
-    """A resumable StreamingDataLoader over `folders` (per-rank `batch_size`), latents at `resolution` px."""
+                  proportions=None, run_dir=None, drop_last: bool = True, cache_dir=None, cache_limit=None,
+                  num_canonical_nodes: int = 1, num_workers: int = 0, pin_memory: bool | None = None):
+    """A resumable StreamingDataLoader over `folders` (per-rank `batch_size`), latents at `resolution` px.
+
+    folders: local set folders and/or object-storage URLs. A URL streams through a local cache
+    (`cache_dir`, default <run_dir>/cache) bounded by `cache_limit` ("50gb", bytes; None = unbounded):
+    shards are downloaded ahead of use and the least recently used evicted. Local folders are read in
+    place through a memory map. num_canonical_nodes fixes the shuffle (keep it across resumes);
+    num_workers DataLoader processes decode and stack batches; pin_memory (default: when CUDA is
+    available) lets `to_device` copy without blocking.
+    """
     from streaming import Stream, StreamingDataLoader
-    folders = [str(Path(f).resolve()) for f in folders]
-    open_latent_sets(folders, resolution)
+    open_latent_sets(list(folders), resolution)
+    cache_dir = cache_dir if cache_dir is not None else (Path(run_dir) / "cache" if run_dir is not None else None)
+    views = [local_view(f, cache_dir) for f in folders]
     tmp = prepare_run_tmp(run_dir) if run_dir is not None else None
-    if proportions:
-        streams = [Stream(local=f, proportion=float(p)) for f, p in zip(folders, proportions)]
-    else:
-        streams = [Stream(local=f) for f in folders]
+    props = [float(p) for p in proportions] if proportions else [None] * len(views)
+    streams = [Stream(remote=remote, local=local, proportion=p) for (remote, local), p in zip(views, props)]
+    any_remote = any(remote is not None for remote, _ in views)
     cls = _make_dataset_class()
     with _tmpdir(tmp):           # streaming places its file locks in gettempdir() at construction
         ds = cls(latent_key=LatentSchema.latent_key(resolution), streams=streams, shuffle=shuffle,
-                 shuffle_seed=int(seed), batch_size=batch_size, num_canonical_nodes=1,
-                 sampling_method="fixed" if proportions else "balanced")
+                 shuffle_seed=int(seed), batch_size=batch_size, num_canonical_nodes=int(num_canonical_nodes),
+                 sampling_method="fixed" if proportions else "balanced",
+                 cache_limit=cache_limit if any_remote else None)   # never evict a local set's own shards
     if run_dir is not None:
         record_shm_prefix(run_dir, ds)
-    return StreamingDataLoader(ds, batch_size=batch_size, num_workers=0, drop_last=drop_last,
-                               collate_fn=collate_latents)
+    pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+    return StreamingDataLoader(ds, batch_size=batch_size, num_workers=int(num_workers), drop_last=drop_last,
+                               collate_fn=collate_latents, pin_memory=pin,
+                               persistent_workers=int(num_workers) > 0)
+
+
+def close_loader(loader) -> None:
+    """Stop a loader's background threads (streaming keeps downloading ahead until told)."""
+    event = getattr(loader.dataset, "_event", None)
+    if event is not None:
+        event.set()
+
+
+def default_cache_dir() -> Path:
+    """Where remote sets are cached when no folder is given: $TMPDIR/microdit-cache."""
+    return Path(tempfile.gettempdir()) / "microdit-cache"
+
+
+def local_view(folder, cache_dir=None) -> tuple[str | None, str]:
+    """(remote, local) of a latent set: a folder is read in place (remote None); a URL gets a local
+    cache folder under `cache_dir` with its index.json and schema.json fetched now (shards on demand)."""
+    if not is_remote(folder):
+        return None, str(Path(folder).resolve())
+    url = str(folder).rstrip("/")
+    local = cache_folder(url, cache_dir if cache_dir is not None else default_cache_dir())
+    for name in ("index.json", "schema.json"):    # small; written then renamed, so ranks may race safely
+        download_file(join(url, name), local / name)
+    return url, str(local)
 
 
 def caption_dropout(caption: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -217,18 +272,29 @@ def caption_dropout(caption: torch.Tensor, p: float, generator: torch.Generator 
 
 
 class LatentSet(torch.utils.data.Dataset):
-    """Map-style, random-access view of one latent set (validation, sample captions); no shared memory."""
+    """Map-style, random-access view of one latent set (validation, sample captions); no shared memory.
+    A URL is read through a local cache folder: only the shards of the samples asked for are fetched."""
 
-    def __init__(self, folder, resolution: int):
+    def __init__(self, folder, resolution: int, cache_dir=None):
         from streaming import LocalDataset
         self.schema = open_latent_sets([folder], resolution)
         self.key = LatentSchema.latent_key(resolution)
-        self._ds = LocalDataset(local=str(folder))
+        self.remote, local = local_view(folder, cache_dir)
+        self._ds = LocalDataset(local=local)
 
     def __len__(self) -> int:
         return len(self._ds)
 
+    def _fetch_shard(self, i: int) -> None:
+        shard = self._ds.shards[self._ds.spanner[i][0]]
+        name = (shard.zip_data or shard.raw_data).basename
+        path = Path(self._ds.local) / name
+        if not path.exists():
+            download_file(join(self.remote, name), path)
+
     def __getitem__(self, i: int) -> dict:
+        if self.remote is not None:
+            self._fetch_shard(int(i))
         s = self._ds[int(i)]
         return {"latents": _to_tensor(s[self.key]), "caption": _to_tensor(s["caption_latents"]),
                 "caption_text": s["caption"], "sample_id": s["sample_id"], "meta": s.get("meta") or {}}
@@ -238,93 +304,3 @@ class LatentSet(torch.utils.data.Dataset):
         return {"latents": torch.stack([it["latents"] for it in items]),
                 "caption": torch.stack([it["caption"] for it in items]),
                 "caption_text": [it["caption_text"] for it in items], "meta": [it["meta"] for it in items]}
-
-
-# --------------------------------------------------------------------------------------------
-#                          Per-run temporary folder and shared memory
-# --------------------------------------------------------------------------------------------
-
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-@contextmanager
-def _tmpdir(path):
-    """TMPDIR = path inside the block (restored after), so streaming's locks live in the run folder."""
-    if path is None:
-        yield
-        return
-    old = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(path)
-    tempfile.tempdir = None
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = old
-        tempfile.tempdir = None
-
-
-def prepare_run_tmp(run_dir) -> Path:
-    """run_dir/tmp for streaming's file locks, cleared at the start of a run; unlink the shared
-    memory a previous (dead) process of this run left behind."""
-    tmp = Path(run_dir) / "tmp"
-    if _local_rank() == 0:
-        _unlink_dead_run_shm(tmp / SHM_RECORD)
-        if tmp.exists() and not _owned_by_live_peer(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True, exist_ok=True)
-    _barrier()
-    return tmp
-
-
-def _owned_by_live_peer(tmp: Path) -> bool:
-    rec = tmp / SHM_RECORD
-    if not rec.exists():
-        return False
-    pid = json.loads(rec.read_text()).get("pid", 0)
-    return pid != os.getpid() and _alive(pid)
-
-
-def record_shm_prefix(run_dir, dataset) -> None:
-    if _local_rank() != 0:
-        return
-    rec = Path(run_dir) / "tmp" / SHM_RECORD
-    rec.write_text(json.dumps({"pid": os.getpid(), "prefix": int(dataset._shm_prefix_int)}))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def _unlink_dead_run_shm(record: Path) -> None:
-    if not record.exists():
-        return
-    d = json.loads(record.read_text())
-    if _alive(int(d.get("pid", 0))) and d.get("pid") != os.getpid():
-        return
-    from multiprocessing import shared_memory
-
-    from streaming.base.constant import SHM_TO_CLEAN
-    from streaming.base.shared.prefix import _get_path
-    for name in SHM_TO_CLEAN:
-        try:
-            shm = shared_memory.SharedMemory(_get_path(int(d["prefix"]), name), create=False)
-        except (FileNotFoundError, PermissionError):
-            continue
-        shm.close()
-        shm.unlink()
-    record.unlink(missing_ok=True)
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()

@@ -67,12 +67,18 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> "Manifest":
-        path = Path(folder)
-        path = path if path.name == MANIFEST_NAME else path / MANIFEST_NAME
-        if not path.exists():
+        """The manifest of a folder, or of an object-storage set (`s3://bucket/prefix`)."""
+        from .storage import is_remote, join, read_json
+        if is_remote(folder):
+            path = folder if str(folder).endswith("/" + MANIFEST_NAME) else join(folder, MANIFEST_NAME)
+            d = read_json(path)
+        else:
+            path = Path(folder)
+            path = path if path.name == MANIFEST_NAME else path / MANIFEST_NAME
+            d = json.loads(path.read_text()) if path.exists() else None
+        if d is None:
             raise FileNotFoundError(f"{path} does not exist: the step that makes this asset has not finished "
                                     "(run it again; finished work is skipped)")
-        d = json.loads(path.read_text())
         d.pop("config_hash", None)
         return cls(**d)
 

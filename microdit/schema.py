@@ -85,11 +85,13 @@ class LatentSchema:
 
     @classmethod
     def read(cls, folder) -> "LatentSchema":
-        path = Path(folder) / SCHEMA_NAME
-        if not path.exists():
+        """The schema of a latent set folder, or of a set in object storage (`s3://bucket/prefix`)."""
+        from .storage import join, read_json
+        path = join(folder, SCHEMA_NAME)
+        d = read_json(path)
+        if d is None:
             raise FileNotFoundError(f"{path} is missing: {folder} is not a finished latent set "
                                     "(make it with `python -m dataprep.precompute`)")
-        d = json.loads(path.read_text())
         d["resolutions"] = tuple(d["resolutions"])
         return cls(**d)
 

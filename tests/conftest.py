@@ -27,3 +27,81 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# A real S3 endpoint on loopback: moto's server (speaks the S3 protocol over HTTP), one per session
+# ------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """http://127.0.0.1:<port> of a moto_server subprocess (stopped by its PID at the end). For the
+    session, the standard variables point every S3 client at it (background download threads of a
+    streaming loader may outlive a test)."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    if exe is None:
+        pytest.skip("moto[server] is not installed (pip install -e '.[test]')")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)   # noqa: S310 (loopback)
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto_server did not start on {url} (see {log.name})")
+            time.sleep(0.2)
+    env = {"S3_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "loopback-secret-never-logged", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
+    os.environ.update(env)
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(k, None)
+    yield url
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A fresh bucket on the loopback S3 server: s3://<bucket> (subprocesses inherit the environment)."""
+    import re
+
+    import boto3
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid() % 10000}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def s3_keys(bucket_url: str, prefix: str = "") -> list[str]:
+    """Every object key under the bucket (and prefix), from the server itself."""
+    import boto3
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket_url[5:].split("/")[0], Prefix=prefix)
+    return sorted(o["Key"] for p in pages for o in p.get("Contents", []))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from microdit.data import LatentSet, caption_dropout, latent_loader, open_latent_sets, prepare_run_tmp
 from dataprep.synthetic import random_latent_set
+from microdit.data import LatentSet, caption_dropout, latent_loader, open_latent_sets, prepare_run_tmp, to_device
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,11 @@ def _ids(loader, max_batches=None):
 def test_batches_have_schema_shapes_and_are_writable(sets, tmp_path):
     for res, side in ((16, 8), (32, 16)):
         b = next(iter(latent_loader([sets[0]], res, batch_size=8, run_dir=tmp_path / f"r{res}")))
-        assert b["latents"].shape == (8, 12, side, side) and b["latents"].dtype == torch.float32
-        assert b["caption"].shape == (8, 4, 8)
+        assert b["latents"].shape == (8, 12, side, side) and b["latents"].dtype == torch.float16   # as stored
+        assert b["caption"].shape == (8, 4, 8) and b["caption"].dtype == torch.float16
         b["latents"].add_(1)          # a copy, not a read-only view of the shard
+        x, y = to_device(b, "cpu")    # cast where the model runs
+        assert x.dtype == y.dtype == torch.float32 and torch.equal(y, b["caption"].float())
     ds = LatentSet(sets[0], 32)
     ref = np.asarray(ds._ds[3]["latents_32"], dtype=np.float32)
     assert torch.equal(ds[3]["latents"], torch.from_numpy(ref))
@@ -48,8 +50,8 @@ def test_loader_values_equal_every_column_decode(sets, tmp_path):
         for b in latent_loader([sets[0]], res, batch_size=8, seed=1, run_dir=tmp_path / f"v{res}"):
             for j, sid in enumerate(b["sample_id"]):
                 ref = by_id[sid]
-                assert torch.equal(b["latents"][j], torch.from_numpy(ref[f"latents_{res}"].astype(np.float32)))
-                assert torch.equal(b["caption"][j], torch.from_numpy(ref["caption_latents"].astype(np.float32)))
+                assert torch.equal(b["latents"][j], torch.from_numpy(ref[f"latents_{res}"]))
+                assert torch.equal(b["caption"][j], torch.from_numpy(ref["caption_latents"]))
                 seen += 1
         assert seen == 48
 
@@ -68,6 +70,28 @@ def test_resume_continues_without_overlap(sets, tmp_path):
     state = first.state_dict()
     second = latent_loader([sets[0]], 16, 8, seed=1, run_dir=tmp_path / "second")
     second.load_state_dict(json.loads(json.dumps(state)))
+    assert head + _ids(second) == full
+
+
+def test_loader_workers_yield_every_sample_once_with_the_same_values_and_resume(sets, tmp_path):
+    """Batches stacked in 2 DataLoader worker processes (the column decoder and memory map travel to
+    them): every sample once per epoch, values as without workers; a resume continues without overlap."""
+    def by_id(loader):
+        got = {}
+        for b in loader:
+            for j, sid in enumerate(b["sample_id"]):
+                assert sid not in got
+                got[sid] = (b["latents"][j].clone(), b["caption"][j].clone())
+        return got
+    plain = by_id(latent_loader([sets[0]], 16, 8, seed=2, run_dir=tmp_path / "w0"))
+    workers = by_id(latent_loader([sets[0]], 16, 8, seed=2, run_dir=tmp_path / "w2", num_workers=2))
+    assert sorted(plain) == sorted(workers) and len(plain) == 48
+    assert all(torch.equal(plain[k][0], workers[k][0]) and torch.equal(plain[k][1], workers[k][1]) for k in plain)
+    full = _ids(latent_loader([sets[0]], 16, 8, seed=5, run_dir=tmp_path / "f", num_workers=2))
+    first = latent_loader([sets[0]], 16, 8, seed=5, run_dir=tmp_path / "a", num_workers=2)
+    head = _ids(first, max_batches=3)
+    second = latent_loader([sets[0]], 16, 8, seed=5, run_dir=tmp_path / "b", num_workers=2)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
     assert head + _ids(second) == full
 
 

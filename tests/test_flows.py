@@ -20,7 +20,7 @@ TINY = {"datasets": [{"dataset": "shapes", "samples": 96}], "steps_scale": 0.01,
 
 
 def test_profiles_and_content_addressed_stages(tmp_path):
-    assert set(PROFILES) == {"local", "subset", "paper"}
+    assert set(PROFILES) == {"local", "subset", "paper", "rehearsal"}
     with pytest.raises(ValueError, match="unknown profile fields"):
         get_profile("local", {"stepz": 1})
     p = get_profile("local", TINY)

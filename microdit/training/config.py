@@ -40,6 +40,11 @@ class TrainConfig:
     caption_dropout: float = 0.1           # probability of a zeroed caption embedding (the unconditional branch)
     shuffle: bool = True                   # shuffle the stream (deterministic per seed)
     val_data: str = ""                     # held-out latent set for validation loss and sample captions
+    data_cache: str = ""                   # local folder caching sets given as URLs ("" = <out_dir>/cache)
+    cache_limit: str = ""                  # bound on that cache, e.g. "200gb" ("" = none; shards are evicted LRU)
+    num_canonical_nodes: int = 1           # streaming's shuffle is defined for this many nodes: keep it fixed
+                                           # across resumes and cluster sizes (a multiple of the node count)
+    loader_workers: int = 0                # DataLoader worker processes per rank (decode and stack batches)
     # ---- diffusion ----
     mask_ratio: float = 0.0                # fraction of patch tokens dropped after the patch mixer
     P_mean: float = -0.6                   # ln(sigma) ~ N(P_mean, P_std^2): (-0.6, 1.2) at 256 px, (0, 0.6) at 512
@@ -106,6 +111,15 @@ class TrainConfig:
     def replace(self, **changes) -> "TrainConfig":
         check_fields(TrainConfig, changes, "TrainConfig")
         return replace(self, **changes)
+
+    def cache_dir(self) -> Path:
+        """Local cache of the latent sets given as URLs (the stage's loader and its validation views)."""
+        return Path(self.data_cache) if self.data_cache else Path(self.out_dir) / "cache"
+
+    def loader_options(self) -> dict:
+        """microdit.data.latent_loader's storage and worker arguments from this config."""
+        return {"cache_dir": self.cache_dir(), "cache_limit": self.cache_limit or None,
+                "num_canonical_nodes": self.num_canonical_nodes, "num_workers": self.loader_workers}
 
     def validate(self) -> None:
         """Refuse a config that cannot train, naming the field and what to give instead (before any output)."""

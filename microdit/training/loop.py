@@ -22,6 +22,7 @@ import torch
 
 from ..edm import edm_loss
 from ..manifest import CostMeter, Manifest, folder_bytes, read_manifest
+from ..storage import location
 from . import distributed as dist_utils
 from .config import RESOLVED_FIELDS, TrainConfig, batch_split, edm_config
 from .optim import EMA, make_optimizer, make_scheduler
@@ -121,7 +122,7 @@ class StageRun:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.schema).to(ctx.device)
         moe_names = set(self.model.moe_parameter_names())
-        self.val_set = LatentSet(cfg.val_data, cfg.resolution) if cfg.val_data else None
+        self.val_set = LatentSet(cfg.val_data, cfg.resolution, cache_dir=cfg.cache_dir()) if cfg.val_data else None
         val_start = None
         if self.val_set is not None and latest_checkpoint(self.out) is None and ctx.is_main:
             val_start = validation_loss(self.model, self.val_set, edm=self.edm)    # the starting weights
@@ -147,7 +148,8 @@ class StageRun:
         from ..data import latent_loader
         cfg = self.cfg
         return latent_loader(cfg.data, cfg.resolution, self.micro, seed=cfg.seed, shuffle=cfg.shuffle,
-                             proportions=cfg.data_proportions or None, run_dir=self.out)
+                             proportions=cfg.data_proportions or None, run_dir=self.out,
+                             pin_memory=self.ctx.device.type == "cuda", **cfg.loader_options())
 
     def wrap_model(self) -> torch.nn.Module:
         """The model as the optimizer and the forward pass see it (DDP, FSDP, compiled, or itself)."""
@@ -185,15 +187,15 @@ class StageRun:
 
     def train_step(self, data) -> float:
         """One optimizer step over `accum` micro-batches; returns the mean loss over all ranks."""
-        from ..data import caption_dropout
+        from ..data import caption_dropout, to_device
         cfg, device = self.cfg, self.ctx.device
         autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                                   enabled=(cfg.precision == "bf16" and device.type == "cuda"))
         loss_sum = torch.zeros((), device=device)
         for k, gens in enumerate(self.gens.values()):
             batch = next(data)
-            x = batch["latents"].to(device, non_blocking=True)
-            y = caption_dropout(batch["caption"], cfg.caption_dropout, gens["dropout"]).to(device)
+            x, y = to_device(batch, device)                # moved as float16, cast on the device
+            y = caption_dropout(y, cfg.caption_dropout, gens["dropout"])
             with dist_utils.no_sync(self.wrapped, skip=k < self.accum - 1), autocast:
                 loss = edm_loss(self.wrapped, x, y, self.edm, cfg.mask_ratio, generator=gens["noise"],
                                 patch_size=self.model.patch_size)
@@ -348,8 +350,10 @@ class StageRun:
 
     def finish(self, stopped: Path | None) -> Path:
         """Validation, final samples, manifest; final/ written atomically (or the early-stop checkpoint)."""
+        from ..data import close_loader
         from .validate import validation_loss
         cfg, ctx = self.cfg, self.ctx
+        close_loader(self.loader)                      # streaming's download-ahead threads stop here
         final_model = self.eval_model() if self.val_set is not None else None
         val_end = validation_loss(final_model, self.val_set, edm=self.edm) if (
             self.val_set is not None and ctx.is_main) else None
@@ -371,7 +375,7 @@ class StageRun:
         self.monitor.close()
         if not ctx.is_main:
             return self.final
-        parents = [str(Path(d).resolve()) for d in cfg.data] + ([cfg.init_from] if cfg.init_from else [])
+        parents = [location(d) for d in cfg.data] + ([cfg.init_from] if cfg.init_from else [])
         manifest = Manifest(kind="checkpoint", name=cfg.name, config=self.cfg_dict, parents=parents,
                             samples=self.samples_seen, wall_seconds=wall, cpu_seconds=cpu,
                             gpu_seconds=wall * ctx.world_size if cuda else 0.0,

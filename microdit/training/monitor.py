@@ -81,7 +81,7 @@ def sample_captions(cfg, schema, n: int) -> tuple[torch.Tensor, list[str]] | Non
         with torch.inference_mode():
             return te.encode(prompts).float(), prompts
     from ..data import LatentSet
-    ds = LatentSet(cfg.val_data or cfg.data[0], cfg.resolution)
+    ds = LatentSet(cfg.val_data or cfg.data[0], cfg.resolution, cache_dir=cfg.cache_dir())
     b = ds.batch(range(min(n, len(ds))))
     return b["caption"], b["caption_text"]
 
