@@ -128,7 +128,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile(
         name="rehearsal",
         description="the paper's code path at toy size on one CPU machine: latents in S3 (loopback), a 2-node "
-                    "Ray cluster with declared resources, torchrun x2 (DDP over gloo), a resume",
+                    "Ray cluster with declared resources, torchrun x2 (FSDP2 over gloo), a resume",
         datasets=(DataSource("shapes", samples=600),),
         image_autoencoder="tiny-kl", text_encoder="tiny-clip:16", resolutions=(16, 32),
         min_image_size=32, short_side=64, precompute_batch_size=50,
@@ -138,9 +138,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
         precompute_resources={"latent_encoder": 1}, latents_url="s3://micro-budget-rehearsal/latents",
         precompute_unit_samples=50, cache_limit="1mb", loader_workers=1,
         recipe="cpu", steps_scale=0.02, stages=(1, 3), launcher="torchrun", train_processes=2,
-        # DDP over gloo: FSDP (SHARD_GRAD_OP, FSDP1) needs an accelerator; the rehearsal switches to FSDP once
-        # the trainer shards with FSDP2 (fully_shard), which runs over gloo on CPU
-        train_overrides={"strategy": "ddp", "checkpoint_every": 5, "num_samples": 4, "sample_steps": 4},
+        train_overrides={"strategy": "fsdp", "checkpoint_every": 5, "num_samples": 4, "sample_steps": 4},
         num_gpus=0, cpu_cores=2,
         eval_suites=("shapes",), eval_kwargs={"steps": 4, "guidance": 3.0, "shapes_prompts_per_task": 2,
                                               "images_per_prompt": 1, "shapes_real_images": 50},

@@ -9,10 +9,10 @@ S3_ENDPOINT_URL already names one) with a bucket for the latents, and a 2-node R
 on): a head with one CPU and no encoder resource, and a node declaring `latent_encoder: 2`. Then, as the
 `paper` profile would on a cluster: download (shapes through img2dataset on loopback) -> precompute with
 declared resources (actors only on the encoder node) into `s3://micro-budget-rehearsal/latents/...` ->
-training through `infra/torchrun.sh` with 2 processes (DDP over gloo until the trainer shards with FSDP2)
-reading the latents from S3 through a cache smaller than the set, killed with SIGKILL after its first
-checkpoint and rerun (it resumes) -> the second stage at the next resolution -> evaluation -> the cost
-ledger. At the end it prints what ran where (`where.json` in the run folder). Measured here: 532 s.
+training through `infra/torchrun.sh` with 2 processes (FSDP2 over gloo, sharded checkpoints) reading
+the latents from S3 through a cache smaller than the set, killed with SIGKILL after its first checkpoint
+and rerun (it resumes) -> the second stage at the next resolution -> evaluation -> the cost ledger. At
+the end it prints what ran where (`where.json` in the run folder). Measured here: 519 s.
 
 What it proves, and what only a real cluster can: docs/orchestration.md, "The rehearsal".
 """

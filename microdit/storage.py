@@ -47,9 +47,9 @@ def join(base, *parts) -> str:
 
 def cache_folder(url: str, root) -> Path:
     """The local folder that caches `url` under `root` (stable per URL, readable name)."""
-    from .manifest import config_hash
+    import hashlib
     name = urllib.parse.urlparse(url).path.strip("/").replace("/", "_")[-60:] or "root"
-    return Path(root) / f"{name}-{config_hash({'url': url})[:8]}"
+    return Path(root) / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
 
 
 def _explain(url: str, e: Exception) -> Exception:
