@@ -131,5 +131,5 @@ def test_training_from_s3_with_a_small_cache_equals_training_from_disk(tmp_path,
     assert len(losses("disk")) == 14 and losses("s3") == losses("disk")
     cached = [f for f in (tmp_path / "s3" / "cache").rglob("*.mds")]
     biggest = max(s["raw_data"]["bytes"] for s in index["shards"])
-    # shards were evicted: the cache never held the set (streaming may land one shard past the limit)
-    assert 0 < len(cached) < len(index["shards"]) and sum(f.stat().st_size for f in cached) <= limit + biggest
+    # shards were evicted: the cache never held the set (downloads ahead may land a shard or two past the limit)
+    assert 0 < len(cached) < len(index["shards"]) and sum(f.stat().st_size for f in cached) <= limit + 2 * biggest
