@@ -173,7 +173,7 @@ def bench_convert(root: Path, raw: Path, samples: int, unit: int = 50, rounds: i
 
 
 def _decode_resize(files) -> float:
-    from .convert import check_image
+    from .checks import check_image
     t0 = time.perf_counter()
     for f in files:
         check_image(Path(f).read_bytes(), 256, 256)
