@@ -80,3 +80,13 @@ def test_stages_out_of_the_recipe_are_a_usage_error(tmp_path):
                         "--data", str(lat), "--out", str(tmp_path / "run")], cwd=REPO, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "recipe quick has stages 1-1" in r.stderr
+
+
+def test_a_profile_can_train_the_quick_recipe_on_16_px_latents():
+    from flows import steps
+    from flows.profiles import get_profile
+    quick = get_profile("local", {"recipe": "quick", "resolutions": [16]})
+    steps.check_resolutions(quick)                                  # nothing at 32 px is asked for
+    assert [c.name for c in steps.stage_configs(quick, [Path("/latents")], Path("/run"))] == ["quick"]
+    with pytest.raises(ValueError, match="trains stage3 at 32 px"):
+        steps.check_resolutions(get_profile("local", {"resolutions": [16]}))
