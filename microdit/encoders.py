@@ -55,40 +55,37 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
+def _cached_or_download(fetch, label: str, hint: str) -> str:
+    """fetch(local_files_only=True) from the Hugging Face cache, else downloaded; fail fast when offline."""
+    try:
+        return fetch(local_files_only=True)
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or not _hub_reachable():
+        raise MissingWeightsError(f"{label} is not in the local Hugging Face cache and the hub cannot be "
+                                  f"reached: {hint}")
+    try:
+        return fetch(local_files_only=False)
+    except Exception as e:
+        raise MissingWeightsError(f"{label} could not be downloaded ({e}): {hint}") from e
+
+
 def hub_download_or_fail(repo_id: str, allow_patterns=None, what: str = "model") -> str:
     """Local snapshot of a hub repo: from the cache if there, else downloaded; fail fast when offline."""
     from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=True)
-    except Exception:
-        pass
     hint = (f"download it on a connected machine (`huggingface-cli download {repo_id}`) and copy the "
             f"Hugging Face cache here, or pass a local path instead of the hub name")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or not _hub_reachable():
-        raise MissingWeightsError(f"{what} {repo_id!r} is not in the local Hugging Face cache and the hub "
-                                  f"cannot be reached: {hint}")
-    try:
-        return snapshot_download(repo_id, allow_patterns=allow_patterns)
-    except Exception as e:
-        raise MissingWeightsError(f"{what} {repo_id!r} could not be downloaded ({e}): {hint}") from e
+    return _cached_or_download(lambda **kw: snapshot_download(repo_id, allow_patterns=allow_patterns, **kw),
+                               f"{what} {repo_id!r}", hint)
 
 
 def hub_file_or_fail(repo_id: str, filename: str, what: str = "model file") -> str:
     """Local path of one file of a hub repo: from the cache if there, else downloaded; fail fast when offline."""
     from huggingface_hub import hf_hub_download
-    try:
-        return hf_hub_download(repo_id, filename, local_files_only=True)
-    except Exception:
-        pass
     hint = (f"download it on a connected machine (`huggingface-cli download {repo_id} {filename}`) and copy the "
             f"Hugging Face cache here, or pass the local path of the file")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or not _hub_reachable():
-        raise MissingWeightsError(f"{what} {filename!r} of {repo_id!r} is not in the local Hugging Face cache and "
-                                  f"the hub cannot be reached: {hint}")
-    try:
-        return hf_hub_download(repo_id, filename)
-    except Exception as e:
-        raise MissingWeightsError(f"{what} {filename!r} of {repo_id!r} could not be downloaded ({e}): {hint}") from e
+    return _cached_or_download(lambda **kw: hf_hub_download(repo_id, filename, **kw),
+                               f"{what} {filename!r} of {repo_id!r}", hint)
 
 
 _HUB_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
