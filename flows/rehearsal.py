@@ -41,24 +41,14 @@ NODES = [{"num_cpus": 1}, {"num_cpus": 2, "resources": {"latent_encoder": 2}}]  
 def loopback_s3(bucket: str, log_dir: Path):
     """An S3 endpoint for the block: the one S3_ENDPOINT_URL names, else a moto server on a free
     loopback port with throw-away credentials (stopped by PID after the block). Creates `bucket`."""
-    import socket
-
     import boto3
     started, saved = None, {}
     if not os.environ.get("S3_ENDPOINT_URL"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(log_dir / "s3-server.log", "wb")
-        exe = Path(sys.executable).with_name("moto_server")
-        started = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        env = {"S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "rehearsal",
+        started, url = start_s3_server(log_dir / "s3-server.log")
+        env = {"S3_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "rehearsal",
                "AWS_SECRET_ACCESS_KEY": "rehearsal", "AWS_DEFAULT_REGION": "us-east-1"}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
-        _wait_http(env["S3_ENDPOINT_URL"], started)
     try:
         s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
         if bucket not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
@@ -75,16 +65,28 @@ def loopback_s3(bucket: str, log_dir: Path):
                     os.environ[k] = v
 
 
-def _wait_http(url: str, proc, timeout: float = 60) -> None:
+def start_s3_server(log_path: Path, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """A moto S3 server (this environment's `moto_server`) on a free 127.0.0.1 port, logging to `log_path`;
+    returns (process, endpoint URL) once it answers. The caller stops it by its PID."""
+    import socket
     import urllib.request
-    deadline = time.time() + timeout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p",
+                                 str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + timeout
     while True:
         try:
             urllib.request.urlopen(url + "/moto-api/", timeout=1)    # noqa: S310 (loopback)
-            return
+            return proc, url
         except Exception:
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the S3 server on {url} did not start")
+                proc.kill()
+                raise RuntimeError(f"the S3 server on {url} did not start (log {log_path})")
             time.sleep(0.3)
 
 

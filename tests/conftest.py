@@ -1,6 +1,7 @@
 """Test environment: offline, CPU, bounded threads, per-run temporary folders."""
 import os
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -33,40 +34,17 @@ def _seed():
 # A real S3 endpoint on loopback: moto's server (speaks the S3 protocol over HTTP), one per session
 # ------------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """http://127.0.0.1:<port> of a moto_server subprocess (stopped by its PID at the end). For the
     session, the standard variables point every S3 client at it (background download threads of a
     streaming loader may outlive a test)."""
-    import shutil
     import subprocess
     import sys
-    import time
-    import urllib.request
-    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
-    if exe is None:
+    from flows.rehearsal import start_s3_server
+    if not (Path(sys.executable).with_name("moto_server")).exists():
         pytest.skip("moto[server] is not installed (pip install -e '.[test]')")
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)   # noqa: S310 (loopback)
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto_server did not start on {url} (see {log.name})")
-            time.sleep(0.2)
+    proc, url = start_s3_server(tmp_path_factory.mktemp("moto") / "moto.log")
     env = {"S3_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "loopback-secret-never-logged", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
@@ -85,7 +63,6 @@ def s3_endpoint(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    log.close()
 
 
 @pytest.fixture
