@@ -95,13 +95,13 @@ def precompute_task(p: Profile, raw: str, run: Path, budget: steps.RunBudget | N
 
 @task(name="train-stage", **TASK)
 def train_stage_task(cfg, guard: steps.BudgetGuard | None = None, launcher: str = "inprocess",
-                     nproc: int = 1, run: Path | None = None) -> str:
+                     nproc: int = 1, run: Path | None = None, threads: int = 0) -> str:
     hook = StageProgressArtifact(cfg)
     if run is None:
-        return str(steps.train_step(cfg, guard, launcher, nproc, on_step=hook))
+        return str(steps.train_step(cfg, guard, launcher, nproc, on_step=hook, threads=threads))
     with progress.step_events(run, f"train:{cfg.name}", out_dir=cfg.out_dir, steps=cfg.steps,
                               batch_size=cfg.batch_size):
-        out = str(steps.train_step(cfg, guard, launcher, nproc, on_step=hook))
+        out = str(steps.train_step(cfg, guard, launcher, nproc, on_step=hook, threads=threads))
     if steps.stage_complete(cfg):
         hook(cfg.steps, {"loss": (read_manifest(out).metrics.get("final_loss") or float("nan"))})
     return out
@@ -211,7 +211,8 @@ def train_flow(profile: str = "local", latents: list[str] | None = None, overrid
             if guard is not None:
                 log.info("%s: $%.6f spent of $%g; training stops before passing it", cfg.name, before, budget_usd)
             train = train_stage_task.with_options(name=f"train-{cfg.name}")
-            ckpt = train(cfg, guard, p.launcher, p.train_processes or max(p.num_gpus, 1), run)
+            ckpt = train(cfg, guard, p.launcher, p.train_processes or max(p.num_gpus, 1), run,
+                         steps.cpu_threads(p))
             stage_artifact(cfg, ckpt)
         record_task([ckpt], f"train:{cfg.name}", p.name, run_id, db)
         done.append(ckpt)

@@ -65,7 +65,8 @@ class Profile:
     train_processes: int = 0                   # torchrun processes on the node (0 = num_gpus, at least 1)
     num_gpus: int = 0                          # GPUs training uses (0 = CPU); prices the budget guard
     gpu_type: str = ""                         # infra/prices.toml [gpu] key, e.g. "H100-80GB"
-    cpu_cores: int = 2                         # cores a CPU run uses (prices CPU-only training)
+    cpu_cores: int = 2                         # cores a CPU run uses: prices CPU-only training; torch threads of
+                                               # in-process training and evaluation on a CPU run
     # ---- evaluation ----
     eval_suites: tuple = ("shapes",)           # microdit.evaluate suites: shapes (GenEval-style + FD) | fid30k | geneval | clip
     eval_kwargs: dict = field(default_factory=dict)      # extra evaluate(...) arguments (EvalConfig fields)

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from microdit.cli import UserError
@@ -195,6 +196,31 @@ def check_resolutions(profile: Profile) -> None:
                              "resolutions (flows/profiles.py) or train that stage at a precomputed one")
 
 
+@contextmanager
+def torch_threads(n: int):
+    """Run this thread's torch work on `n` CPU threads (0: leave as is), restoring the count afterwards.
+
+    The worker starts with OMP_NUM_THREADS=1 so that the Prefect server, the worker and Ray's encoder actors
+    do not oversubscribe the cores; in-process training and evaluation then take the cores the profile pays
+    for (`Profile.cpu_cores`): on 2 cores a 32 px CPU training step runs 1.8x faster on 2 threads than on 1.
+    """
+    if n <= 0:
+        yield
+        return
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cpu_threads(profile: Profile) -> int:
+    """torch threads for in-process CPU work: the profile's cores on a CPU run, else leave torch's choice."""
+    return profile.cpu_cores if profile.num_gpus == 0 else 0
+
+
 class StepHooks:
     """The trainer's should_stop(step, state): calls `on_step` (display), then asks `guard` (budget)."""
 
@@ -208,10 +234,11 @@ class StepHooks:
 
 
 def train_step(cfg, guard: BudgetGuard | None = None, launcher: str = "inprocess", nproc: int = 1,
-               on_step=None) -> Path:
+               on_step=None, threads: int = 0) -> Path:
     """Train (or resume) one stage; returns its final folder, or the checkpoint written when it stopped early.
 
     on_step(step, state), if given, is called after every optimizer step of an in-process run (progress display).
+    threads: torch CPU threads of an in-process run (0 = as the process has them).
 
     launcher "inprocess": microdit.training.loop.train in this process, the guard as its stop hook (CPU, one GPU).
     launcher "torchrun": infra/torchrun.sh on this node's `nproc` GPUs; the guard becomes the stage's
@@ -219,7 +246,8 @@ def train_step(cfg, guard: BudgetGuard | None = None, launcher: str = "inprocess
     """
     if launcher == "inprocess":
         from microdit.training.loop import train
-        return Path(train(cfg, should_stop=StepHooks(on_step, guard)))
+        with torch_threads(threads):
+            return Path(train(cfg, should_stop=StepHooks(on_step, guard)))
     if launcher != "torchrun":
         raise ValueError(f"unknown launcher {launcher!r}: use 'inprocess' or 'torchrun'")
     if guard is not None:
@@ -257,5 +285,6 @@ def evaluate_step(profile: Profile, checkpoint: Path, run: Path, reference: Path
     if finished(out):
         return out, json.loads((out / "report.json").read_text()), True
     from microdit.evaluate import evaluate
-    report = evaluate(str(checkpoint), suites=list(profile.eval_suites), out_dir=str(out), **kwargs)
+    with torch_threads(cpu_threads(profile)):
+        report = evaluate(str(checkpoint), suites=list(profile.eval_suites), out_dir=str(out), **kwargs)
     return out, report, False

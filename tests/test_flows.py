@@ -72,6 +72,24 @@ def test_budget_decision_and_the_one_price_rate():
         assert rate > 0 and math.isclose(1000 * rate, ledger_usd, rel_tol=1e-12)
 
 
+def test_in_process_training_runs_on_the_profiles_cores_and_restores_the_thread_count(tmp_path):
+    import torch
+    from dataprep.synthetic import random_latent_set
+    from microdit.training.config import TrainConfig
+    data = random_latent_set(tmp_path / "lat", n=16, resolutions=(16,), seed=0)
+    cfg = TrainConfig(name="t", data=[str(data)], out_dir=str(tmp_path / "t"), steps=2, batch_size=4,
+                      checkpoint_every=0, num_samples=2, sample_steps=1, progress=False)
+    seen, before = [], torch.get_num_threads()
+    torch.set_num_threads(1)                        # as the demo's worker starts (OMP_NUM_THREADS=1)
+    try:
+        steps.train_step(cfg, on_step=lambda step, state: seen.append(torch.get_num_threads()),
+                         threads=steps.cpu_threads(get_profile("local")))
+        assert seen and set(seen) == {2} and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert steps.cpu_threads(get_profile("paper")) == 0          # GPU runs: torch's own choice
+
+
 def test_the_price_list_does_not_copy_the_recipe(tmp_path):
     from flows.prices import load_prices
     bad = tmp_path / "prices.toml"

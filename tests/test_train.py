@@ -56,7 +56,7 @@ def test_paper_stages_hold_the_spec_table():
 def test_cpu_stages_mirror_the_paper_at_16_and_32_px():
     assert [s.resolution for s in CPU_STAGES] == [16, 16, 32, 32]
     assert [s.mask_ratio for s in CPU_STAGES] == [0.75, 0, 0.75, 0]
-    assert all(s.preset == "MicroDiT_Nano_2" and s.batch_size == 64 for s in CPU_STAGES)
+    assert all(s.preset == "MicroDiT_Mini_2" and s.batch_size == 64 for s in CPU_STAGES)
     assert CPU_STAGES[0].steps > CPU_STAGES[1].steps and CPU_STAGES[2].steps > CPU_STAGES[3].steps
 
 
