@@ -276,8 +276,8 @@ CPU_STAGES: list[TrainConfig] = [
 # no 32 px hand-over, the narrower Nano model. 1,000 steps drew readable 16 px digits from 1,797 scans in
 # minutes on 2 cores.
 QUICK_STAGES: list[TrainConfig] = [
-    TrainConfig(name="quick", **{**_CPU_COMMON, "preset": "MicroDiT_Nano_2"}, **_CPU_LOW, mask_ratio=0.0, steps=1000, lr=1e-3,
-                schedule="cosine", warmup_steps=50, final_lr_fraction=0.33, grad_clip=1.0),
+    TrainConfig(name="quick", **{**_CPU_COMMON, "preset": "MicroDiT_Nano_2"}, **_CPU_LOW, mask_ratio=0.0,
+                steps=1000, lr=1e-3, schedule="cosine", warmup_steps=50, final_lr_fraction=0.33, grad_clip=1.0),
 ]
 
 STAGES: dict[str, list[TrainConfig]] = {"paper": PAPER_STAGES, "cpu": CPU_STAGES, "quick": QUICK_STAGES}
