@@ -89,20 +89,27 @@ def _cli(conv, out, engine="local"):
             "--engine", engine, "--unit-samples", "20", "--batch-size", "10", "--threads", "1"]
 
 
+def kill9_after_units(cmd: list, where, units: int, timeout: float, poll: float) -> str:
+    """Run a precompute command and kill -9 it (no cleanup of any kind) once `units` work units of `where`
+    (a folder or URL) are finished, or it ends, or `timeout` passes; returns what it printed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while len(finished_units(where)) < units and proc.poll() is None and time.time() < deadline:
+            time.sleep(poll)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        log = proc.communicate()[0].decode()
+    return log
+
+
 def test_killed_run_rerun_has_every_sample_exactly_once(tmp_path):
     n, units = 400, 20
     conv = shapes_converted(tmp_path, n)
     out = tmp_path / "lat"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(_cli(conv, out), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while len(finished_units(out)) < 2 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill9_after_units(_cli(conv, out), out, 2, timeout=120, poll=0.02)
     before = finished_units(out)
     assert 2 <= len(before) < units, "the run was not killed mid-way"
     assert not (out / "manifest.json").exists()

@@ -2,10 +2,7 @@
 training from s3:// with a cache smaller than the set equals training from the same shards on disk."""
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from dataprep.precompute import PrecomputeConfig, precompute
 from dataprep.units import finished_units
 from microdit.cli import UserError
 from microdit.manifest import Manifest
-from test_dataprep_precompute import REPO, converted_rows, shapes_converted
+from test_dataprep_precompute import REPO, converted_rows, kill9_after_units, shapes_converted
 
 
 def download_prefix(url: str, dest: Path) -> Path:
@@ -42,16 +39,7 @@ def test_precompute_to_s3_killed_and_rerun_has_every_sample_once(tmp_path, s3_bu
     n, units = 240, 12
     conv = shapes_converted(tmp_path, n)
     url, staging = f"{s3_bucket}/latents/shapes", tmp_path / "stage"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(_cli(conv, url, staging), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while len(finished_units(url)) < 3 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)                       # kill -9: no cleanup of any kind
-        first_log = proc.communicate()[0].decode()
+    first_log = kill9_after_units(_cli(conv, url, staging), url, 3, timeout=180, poll=0.2)
     before = finished_units(url)
     assert 3 <= len(before) < units, "the run was not killed mid-way"
     with pytest.raises(FileNotFoundError):
