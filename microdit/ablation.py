@@ -44,6 +44,7 @@ def run_ablation(data, val_data: str, out, steps: int = 400, resolution: int = 1
                                  warmup_steps=min(50, steps // 10), seed=seed, num_samples=0, checkpoint_every=0,
                                  val_data="", progress=progress,
                                  P_mean=-0.6 if resolution <= 16 else 0.0, P_std=1.2 if resolution <= 16 else 0.6,
+                                 sigma_data=0.9, data_mean=0.0,      # the settings its documented table used
                                  pos_interp_scale=1.0 if resolution <= 16 else resolution / 16)
     val = LatentSet(val_data, resolution)
     rows = []

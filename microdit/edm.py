@@ -15,6 +15,7 @@ import torch.nn.functional as F
 @dataclass
 class EDMConfig:
     sigma_data: float = 0.9     # data standard deviation the preconditioning assumes
+    data_mean: float = 0.0      # value the data is centred on: the preconditioning works on x - data_mean
     P_mean: float = -0.6        # training: ln(sigma) ~ N(P_mean, P_std^2); (-0.6, 1.2) at 256 px, (0, 0.6) at 512
     P_std: float = 1.2
     sigma_min: float = 0.002    # sampler range
@@ -35,13 +36,15 @@ def precondition(sigma: torch.Tensor, sigma_data: float):
 
 
 def denoise(model, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor, sigma_data: float = 0.9,
-            mask_ratio: float = 0.0, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise, y). sigma: scalar or (N,)."""
+            mask_ratio: float = 0.0, keep_ids: torch.Tensor | None = None, data_mean: float = 0.0) -> torch.Tensor:
+    """D(x; sigma) = m + c_skip (x - m) + c_out F(c_in (x - m); c_noise, y) with m = data_mean (EDM's
+    preconditioning of data centred on m; m = 0 is Table 1 as printed). sigma: scalar or (N,)."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
     sigma = sigma.expand(x.shape[0], 1, 1, 1)
     c_skip, c_out, c_in, c_noise = precondition(sigma, sigma_data)
-    F_x = model(c_in * x, c_noise.flatten(), y, mask_ratio=mask_ratio, keep_ids=keep_ids)
-    return c_skip * x + c_out * F_x.float()
+    xc = x - data_mean if data_mean else x
+    F_x = model(c_in * xc, c_noise.flatten(), y, mask_ratio=mask_ratio, keep_ids=keep_ids)
+    return data_mean + c_skip * xc + c_out * F_x.float()
 
 
 def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
@@ -73,7 +76,7 @@ def edm_loss(model, x: torch.Tensor, y: torch.Tensor, cfg: EDMConfig, mask_ratio
         from .model import random_keep_ids
         p = patch_size
         keep_ids = random_keep_ids(n, (x.shape[2] // p) * (x.shape[3] // p), mask_ratio, device, generator)
-    D = denoise(model, x + noise, sigma, y, cfg.sigma_data, mask_ratio, keep_ids)
+    D = denoise(model, x + noise, sigma, y, cfg.sigma_data, mask_ratio, keep_ids, cfg.data_mean)
     loss = loss_weight(sigma, cfg.sigma_data) * (D - x) ** 2                   # (N, C, H, W)
     if keep_ids is None:
         per = loss.flatten(1).mean(dim=1)
@@ -92,11 +95,12 @@ def sigma_steps(num_steps: int, cfg: EDMConfig, device=None) -> torch.Tensor:
 
 
 def guided_denoise(model, x: torch.Tensor, sigma, y: torch.Tensor, guidance_scale: float,
-                   sigma_data: float) -> torch.Tensor:
+                   sigma_data: float, data_mean: float = 0.0) -> torch.Tensor:
     """Classifier-free guidance: u + s (c - u), u from the all-zero caption embedding."""
     if guidance_scale == 1.0:
-        return denoise(model, x, sigma, y, sigma_data)
-    both = denoise(model, torch.cat([x, x]), sigma, torch.cat([y, torch.zeros_like(y)]), sigma_data)
+        return denoise(model, x, sigma, y, sigma_data, data_mean=data_mean)
+    both = denoise(model, torch.cat([x, x]), sigma, torch.cat([y, torch.zeros_like(y)]), sigma_data,
+                   data_mean=data_mean)
     cond, uncond = both.chunk(2)
     return uncond + guidance_scale * (cond - uncond)
 
@@ -110,15 +114,16 @@ def heun_sampler(model, noise: torch.Tensor, y: torch.Tensor, num_steps: int = 3
     """
     cfg = cfg or EDMConfig()
     t = sigma_steps(num_steps, cfg, noise.device)
-    x_next = noise.to(torch.float64) * t[0]
+    x_next = noise.to(torch.float64) * t[0] + cfg.data_mean
     steps = range(num_steps) if progress is None else progress(range(num_steps))
     for i in steps:
         t_cur, t_next = t[i], t[i + 1]
         x_cur = x_next
-        d_cur = (x_cur - guided_denoise(model, x_cur.float(), t_cur, y, guidance_scale, cfg.sigma_data).double()) / t_cur
+        d_cur = (x_cur - guided_denoise(model, x_cur.float(), t_cur, y, guidance_scale, cfg.sigma_data,
+                                        cfg.data_mean).double()) / t_cur
         x_next = x_cur + (t_next - t_cur) * d_cur
         if i < num_steps - 1:
             d_prime = (x_next - guided_denoise(model, x_next.float(), t_next, y, guidance_scale,
-                                               cfg.sigma_data).double()) / t_next
+                                               cfg.sigma_data, cfg.data_mean).double()) / t_next
             x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next.float()

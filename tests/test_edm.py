@@ -146,3 +146,21 @@ def test_heun_sampler_runs_a_real_model_with_guidance():
     steps = []
     out = heun_sampler(model, noise, y, num_steps=4, guidance_scale=5.0, progress=lambda it: (steps.append(1) or it))
     assert out.shape == noise.shape and torch.isfinite(out).all() and steps
+
+
+def test_data_mean_centres_the_preconditioning_loss_and_sampler():
+    """Data centred on m: D, the loss and the sampler are those of the data minus m, shifted back by m."""
+    model, m = tiny_model(), 0.8
+    x, y = torch.randn(3, 4, 8, 8) * 0.5 + m, torch.randn(3, 5, 32)
+    sigma = torch.tensor([0.05, 1.0, 9.0])
+    torch.testing.assert_close(denoise(model, x, sigma, y, 0.5, data_mean=m), m + denoise(model, x - m, sigma, y, 0.5),
+                               atol=1e-5, rtol=1e-5)
+    centred, plain = EDMConfig(sigma_data=0.5, data_mean=m), EDMConfig(sigma_data=0.5)
+    a = edm_loss(model, x, y, centred, generator=torch.Generator().manual_seed(3), per_sample=True)
+    b = edm_loss(model, x - m, y, plain, generator=torch.Generator().manual_seed(3), per_sample=True)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a, edm_loss(model, x, y, plain, generator=torch.Generator().manual_seed(3),
+                                          per_sample=True))
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(heun_sampler(model, noise, y, 4, 2.0, centred),
+                               m + heun_sampler(model, noise, y, 4, 2.0, plain), atol=1e-4, rtol=1e-4)

@@ -199,3 +199,20 @@ def test_nan_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
     assert dirs[-1].name == "step_00000008" and not (tmp_path / "n" / "final").exists()
     from safetensors.torch import load_file
     assert all(torch.isfinite(v).all() for v in load_file(str(dirs[-1] / "model.safetensors")).values())
+
+
+def test_data_mean_auto_is_the_data_mean_at_stage_one_and_inherited_after(data, tmp_path):
+    from microdit.checkpoint import load_model
+    from microdit.data import LatentSet
+    finals = run_stages([tiny(data, tmp_path / "a", steps=2, name="a", data_mean="auto"),
+                         tiny(data, tmp_path / "b", steps=2, name="b", resolution=32, pos_interp_scale=2.0,
+                              data_mean="auto")])
+    ds = LatentSet(data[0], 16)
+    expected = float(torch.stack([ds[i]["latents"].float() for i in range(len(ds))]).mean())
+    got = [load_model(str(f))[1]["edm"]["data_mean"] for f in finals]
+    assert got[0] == pytest.approx(expected, abs=1e-4) and got[1] == got[0]
+    ds32 = LatentSet(data[0], 32)
+    assert float(torch.stack([ds32[i]["latents"].float() for i in range(len(ds32))]).mean()) != pytest.approx(got[0], abs=1e-6)
+    assert json.loads((finals[1] / "train_config.json").read_text())["data_mean"] == "auto"
+    with pytest.raises(ValueError, match="data_mean"):
+        tiny(data, tmp_path / "c", data_mean="middle").validate()

@@ -14,6 +14,7 @@ cumulatively within a resolution: stage 2 "to 280K" = 30K steps here).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class TrainConfig:
     P_mean: float = -0.6                   # ln(sigma) ~ N(P_mean, P_std^2): (-0.6, 1.2) at 256 px, (0, 0.6) at 512
     P_std: float = 1.2                     # spread of ln(sigma) in training
     sigma_data: float = 0.9                # EDM data standard deviation
+    data_mean: float | str = 0.0           # value the latents are centred on by the EDM preconditioning; "auto" =
+                                           # init_from's, or the mean of the first 1024 samples of each set
     pos_interp_scale: float = 1.0          # position coordinates / this (1 at 256 px, 2 at 512 px)
     # ---- optimisation ----
     steps: int = 1000                      # optimizer steps of this stage
@@ -141,6 +144,10 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "final_lr_fraction", "max_wall_seconds", "P_std", "sigma_data"):
             if not getattr(self, name) >= 0:
                 raise UserError(f"TrainConfig.{name} is {getattr(self, name)!r}: give 0 or more")
+        if self.data_mean != "auto" and (isinstance(self.data_mean, bool) or
+                                         not isinstance(self.data_mean, (int, float)) or not math.isfinite(self.data_mean)):
+            raise UserError(f"TrainConfig.data_mean is {self.data_mean!r}: give a number or \"auto\" "
+                            "(--set data_mean=auto)")
         for name in ("caption_dropout", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"TrainConfig.{name} is {getattr(self, name)!r}: give a value in [0, 1)")
@@ -213,9 +220,41 @@ def batch_split(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
-def edm_config(cfg: TrainConfig) -> EDMConfig:
-    """The stage's EDM settings (sigma_data and the training noise distribution)."""
-    return EDMConfig(sigma_data=cfg.sigma_data, P_mean=cfg.P_mean, P_std=cfg.P_std)
+def edm_config(cfg: TrainConfig, data_mean: float | None = None) -> EDMConfig:
+    """The stage's EDM settings (sigma_data, data_mean and the training noise distribution); `data_mean`
+    is the resolved value when cfg.data_mean is "auto" (`resolve_data_mean`)."""
+    mean = cfg.data_mean if data_mean is None else data_mean
+    if mean == "auto":
+        raise ValueError("edm_config: resolve data_mean='auto' first (resolve_data_mean)")
+    return EDMConfig(sigma_data=cfg.sigma_data, data_mean=float(mean), P_mean=cfg.P_mean, P_std=cfg.P_std)
+
+
+MEAN_SAMPLES = 1024      # samples per latent set that data_mean="auto" averages
+
+
+def resolve_data_mean(cfg: TrainConfig) -> float:
+    """cfg.data_mean as a number. "auto": the value the init_from model was trained with (so that every stage
+    of a recipe shares stage 1's), else the mean latent value of the first MEAN_SAMPLES samples of each
+    training set at the stage's resolution (the same on every rank and on every rerun)."""
+    if cfg.data_mean != "auto":
+        return float(cfg.data_mean)
+    if cfg.init_from:
+        meta_file = Path(cfg.init_from) / "config.json"
+        try:
+            edm = json.loads(meta_file.read_text()).get("edm", {})
+        except (OSError, ValueError, AttributeError):
+            edm = {}
+        if isinstance(edm, dict) and isinstance(edm.get("data_mean"), (int, float)):
+            return float(edm["data_mean"])
+    from ..data import LatentSet
+    means = []
+    for folder in cfg.data:
+        ds = LatentSet(folder, cfg.resolution, cache_dir=cfg.cache_dir())
+        n = min(MEAN_SAMPLES, len(ds))
+        if n == 0:
+            raise UserError(f"latent set {folder} is empty: data_mean='auto' has nothing to average")
+        means.append(sum(float(ds[i]["latents"].float().mean()) for i in range(n)) / n)
+    return round(sum(means) / len(means), 4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,11 +294,14 @@ PAPER_STAGES: list[TrainConfig] = [
 _CPU_COMMON = dict(preset="MicroDiT_Mini_2", batch_size=64, betas=(0.9, 0.999), weight_decay=0.1,
                    precision="fp32", caption_dropout=0.1, strategy="ddp", checkpoint_every=100,
                    keep_checkpoints=2, log_every=10, sample_every=0, num_samples=16, sample_steps=20)
-# At 32 px ln(sigma) keeps the spread 1.2 (the paper narrows it to 0.6 at 512 px): with 0.6 the pixel-space
-# model never sees sigma < 0.2 and its held-out loss at sigma 0.05 stays at 0.21 (0.08 with 1.2), which
-# shows as ragged outlines.
-_CPU_LOW, _CPU_HIGH = dict(resolution=16, P_mean=-0.6, P_std=1.2, pos_interp_scale=1.0), \
-    dict(resolution=32, P_mean=0.0, P_std=1.2, pos_interp_scale=2.0)
+# EDM as the data asks for: pixels of white-background images have mean ~0.83 and standard deviation
+# ~0.45, so the preconditioning is centred on the data's mean (data_mean="auto": measured from stage 1's
+# data, kept by later stages) with sigma_data 0.5. ln(sigma) is centred higher than the paper's latents
+# need (0 at 16 px, 0.5 at 32 px, spread 1.2 at both): the colour and the shape of an object are decided at
+# high noise, and with the paper's -0.6 the 16 px model never learned the colour words (docs/training.md).
+_CPU_EDM = dict(sigma_data=0.5, data_mean="auto", P_std=1.2)
+_CPU_LOW, _CPU_HIGH = dict(resolution=16, P_mean=0.0, pos_interp_scale=1.0, **_CPU_EDM), \
+    dict(resolution=32, P_mean=0.5, pos_interp_scale=2.0, **_CPU_EDM)
 
 CPU_STAGES: list[TrainConfig] = [
     TrainConfig(name="stage1", **_CPU_COMMON, **_CPU_LOW, mask_ratio=0.75, steps=1000, lr=1e-3,
@@ -276,7 +318,8 @@ CPU_STAGES: list[TrainConfig] = [
 # no 32 px hand-over, the narrower Nano model. 1,000 steps drew readable 16 px digits from 1,797 scans in
 # minutes on 2 cores.
 QUICK_STAGES: list[TrainConfig] = [
-    TrainConfig(name="quick", **{**_CPU_COMMON, "preset": "MicroDiT_Nano_2"}, **_CPU_LOW, mask_ratio=0.0,
+    TrainConfig(name="quick", **{**_CPU_COMMON, "preset": "MicroDiT_Nano_2"}, resolution=16, P_mean=-0.6, P_std=1.2,
+                pos_interp_scale=1.0, mask_ratio=0.0,
                 steps=1000, lr=1e-3, schedule="cosine", warmup_steps=50, final_lr_fraction=0.33, grad_clip=1.0),
 ]
 

@@ -24,7 +24,7 @@ from ..edm import edm_loss
 from ..manifest import CostMeter, Manifest, folder_bytes, read_manifest
 from ..storage import location
 from . import distributed as dist_utils
-from .config import RESOLVED_FIELDS, TrainConfig, batch_split, edm_config
+from .config import RESOLVED_FIELDS, TrainConfig, batch_split, edm_config, resolve_data_mean
 from .optim import EMA, make_optimizer, make_scheduler
 from .sharded import CheckpointWriter, load_latest, load_train_tensors, train_tensors
 from .state import (CONFIG_NAME, check_saved_config, clean_partial, latest_checkpoint, rng_state, set_rng_state,
@@ -101,7 +101,9 @@ class StageRun:
         self.cfg, self.ctx, self.should_stop = cfg, ctx, should_stop
         self.out = Path(cfg.out_dir)
         self.final = self.out / "final"
-        self.edm = edm_config(cfg)
+        self.edm = edm_config(cfg, resolve_data_mean(cfg))
+        if cfg.data_mean == "auto" and ctx.is_main:
+            print(f"[{cfg.name}] data_mean auto: {self.edm.data_mean:g}", file=sys.stderr)
         self.t_start, self.cpu_start = time.time(), CostMeter._cpu()
         self.step, self.samples_seen = 0, 0
         self.recent: list[float] = []             # the last 20 losses (final_loss is their mean)
