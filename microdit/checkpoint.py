@@ -100,6 +100,8 @@ def load_model(path: str, *, preset: str | None = None, device="cpu", dtype=torc
         meta = json.loads(cfg_file.read_text())
         fmt = meta.get("format")
         config = MicroDiTConfig.from_dict(meta["model"]) if fmt == FORMAT else None
+        if config is not None:
+            EDMConfig.from_dict(meta.get("edm") or {})        # what every sampler of this model will use
     except (ValueError, AttributeError, KeyError, TypeError) as e:        # JSON, unknown fields, wrong types
         raise UserError(f"{cfg_file} is not a valid MicroDiT config ({type(e).__name__}: {e}): {damaged}") from None
     if config is None:

@@ -6,7 +6,8 @@ the lambda(sigma) weight of Table 1), the noise schedule (Eq. 5) and the 2nd-ord
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,19 @@ class EDMConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "EDMConfig":
+        """The settings of a checkpoint's `edm` entry: known fields, finite numbers (ValueError otherwise)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"edm settings must be an object of numbers, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        for k, v in d.items():
+            if k not in known:
+                raise ValueError(f"unknown edm field {k!r} (known: {sorted(known)})")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"edm.{k} is {v!r}: a finite number is needed")
+        return cls(**{k: float(v) for k, v in d.items()})
 
 
 def precondition(sigma: torch.Tensor, sigma_data: float):

@@ -40,6 +40,15 @@ def image_noise(seed: int, index: int, shape: tuple) -> torch.Tensor:
     return torch.randn(shape, generator=g)
 
 
+def _edm_settings(edm) -> EDMConfig:
+    """A pipeline's EDM settings, checked (a saved pipeline's model_index.json comes from anywhere)."""
+    try:
+        return EDMConfig.from_dict(edm or {})
+    except ValueError as e:
+        raise UserError(f"the pipeline's edm settings are not valid ({e}): the folder is damaged; export it "
+                        "again (python -m microdit.to_diffusers)") from None
+
+
 class MicroDiTPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]
@@ -54,7 +63,7 @@ class MicroDiTPipeline(DiffusionPipeline):
         self.register_to_config(
             image_autoencoder_name=image_autoencoder.name if image_autoencoder is not None else image_autoencoder_name,
             text_encoder_name=text_encoder.name if text_encoder is not None else text_encoder_name,
-            edm=EDMConfig(**(edm or {})).to_dict(), preset=preset)
+            edm=_edm_settings(edm).to_dict(), preset=preset)
         self._image_autoencoder, self._text_encoder = image_autoencoder, text_encoder
         for enc in (image_autoencoder, text_encoder):
             if enc is not None:
@@ -136,7 +145,7 @@ class MicroDiTPipeline(DiffusionPipeline):
 
     @property
     def edm(self) -> EDMConfig:
-        return EDMConfig(**self.config.edm)
+        return _edm_settings(self.config.edm)
 
     @property
     def meta(self) -> dict:

@@ -158,3 +158,17 @@ def test_released_file_loads_by_hub_repo_id_and_file_name(tmp_path, monkeypatch)
     assert meta["extra"]["source"] == f"{RELEASE_REPO}/{name}" and model.num_params() == 1_165_442_320
     with pytest.raises(MissingWeightsError, match="dit_16_channel_37M_real_and_synthetic_data.pt.*VSehwag24/MicroDiT"):
         load_model(f"{RELEASE_REPO}/ckpts/dit_16_channel_37M_real_and_synthetic_data.pt")
+
+
+@pytest.mark.parametrize("edm", [{"data_mean": "abc"}, {"sigma_data": float("nan")}, {"shift": 1.0}, [1, 2]])
+def test_damaged_edm_settings_are_refused_when_the_model_loads(tmp_path, edm):
+    """Every sampler of a model uses its `edm` entry: a bad one fails at load time, naming the file."""
+    from microdit.cli import UserError
+    folder = save_model(tmp_path / "ckpt", small_model(), preset="MicroDiT_Nano_2", image_autoencoder="pixel:2",
+                        text_encoder="tiny-clip:16", resolution=32, edm=EDMConfig(data_mean=0.8))
+    meta = json.loads((folder / "config.json").read_text())
+    assert load_model(str(folder))[1]["edm"]["data_mean"] == 0.8
+    meta["edm"] = edm
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="config.json.*edm"):
+        load_model(str(folder))

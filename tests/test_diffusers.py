@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from microdit.diffusers_model import MicroDiTTransformer2DModel
+from microdit.cli import UserError
 from microdit.encoders import MissingWeightsError
 from microdit.model import MicroDiTConfig, create_model
 
@@ -99,6 +100,7 @@ def test_cpu_recipe_checkpoint_gives_the_same_images_through_diffusers(cpu_recip
     pipe = MicroDiTPipeline.from_pretrained(tmp_path / "hf")                   # diffusers' loader
     assert isinstance(pipe, DiffusionPipeline) and pipe.config.text_encoder_name == "tiny-clip:16"
     assert pipe.edm == ours.edm and pipe.transformer.config == ours.transformer.config
+    assert ours.edm.data_mean != 0            # the recipe's data_mean="auto" travels with the model
     out = pipe(PROMPTS, num_inference_steps=4, seed=3, num_images_per_prompt=2, progress=False)
     assert len(out.images) == 4
     for a, b in zip(_pixels(out.images), _pixels(expected)):
@@ -114,6 +116,11 @@ def test_cpu_recipe_checkpoint_gives_the_same_images_through_diffusers(cpu_recip
                                                        low_cpu_mem_usage=False)
     for k, v in ours.transformer.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
+    index = json.loads((tmp_path / "again" / "model_index.json").read_text())
+    index["edm"]["data_mean"] = "centre"      # a damaged (or hostile) folder: refused with a message
+    (tmp_path / "again" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="edm.data_mean"):
+        MicroDiTPipeline.from_pretrained(tmp_path / "again")
 
 
 def test_release_pt_converts_and_vae_can_be_embedded(tmp_path):
