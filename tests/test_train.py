@@ -214,5 +214,13 @@ def test_data_mean_auto_is_the_data_mean_at_stage_one_and_inherited_after(data, 
     ds32 = LatentSet(data[0], 32)
     assert float(torch.stack([ds32[i]["latents"].float() for i in range(len(ds32))]).mean()) != pytest.approx(got[0], abs=1e-6)
     assert json.loads((finals[1] / "train_config.json").read_text())["data_mean"] == "auto"
+    # a model saved before the setting existed was trained uncentred: "auto" continues it at 0, not the data's mean
+    import shutil
+    from microdit.training.config import resolve_data_mean
+    old = shutil.copytree(finals[0], tmp_path / "old")
+    meta = json.loads((old / "config.json").read_text())
+    del meta["edm"]["data_mean"]
+    (old / "config.json").write_text(json.dumps(meta))
+    assert resolve_data_mean(tiny(data, tmp_path / "d", data_mean="auto", init_from=str(old))) == 0.0
     with pytest.raises(ValueError, match="data_mean"):
         tiny(data, tmp_path / "c", data_mean="middle").validate()

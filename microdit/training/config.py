@@ -234,18 +234,20 @@ MEAN_SAMPLES = 1024      # samples per latent set that data_mean="auto" averages
 
 def resolve_data_mean(cfg: TrainConfig) -> float:
     """cfg.data_mean as a number. "auto": the value the init_from model was trained with (so that every stage
-    of a recipe shares stage 1's), else the mean latent value of the first MEAN_SAMPLES samples of each
-    training set at the stage's resolution (the same on every rank and on every rerun)."""
+    of a recipe shares stage 1's; 0 for a model saved before the setting existed), else the mean latent value
+    of the first MEAN_SAMPLES samples of each training set at the stage's resolution (the same on every rank
+    and on every rerun)."""
     if cfg.data_mean != "auto":
         return float(cfg.data_mean)
     if cfg.init_from:
-        meta_file = Path(cfg.init_from) / "config.json"
+        from ..checkpoint import CONFIG_NAME
+        meta_file = Path(cfg.init_from) / CONFIG_NAME
         try:
-            edm = json.loads(meta_file.read_text()).get("edm", {})
-        except (OSError, ValueError, AttributeError):
-            edm = {}
-        if isinstance(edm, dict) and isinstance(edm.get("data_mean"), (int, float)):
-            return float(edm["data_mean"])
+            return EDMConfig.from_dict(json.loads(meta_file.read_text()).get("edm") or {}).data_mean
+        except FileNotFoundError:
+            raise UserError(f"init_from {cfg.init_from}: no {CONFIG_NAME} (a finished stage's final/ folder)") from None
+        except (OSError, ValueError, AttributeError) as e:
+            raise UserError(f"{meta_file} is not a valid MicroDiT config ({e}): the folder is damaged") from None
     from ..data import LatentSet
     means = []
     for folder in cfg.data:
