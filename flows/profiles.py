@@ -101,7 +101,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
         precompute_batch_size=256, precompute_workers=2,
         precompute_threads=1, ray_num_cpus=2,
         recipe="cpu", num_gpus=0, cpu_cores=2,
-        # guidance 3, not 5: the 32 px CPU model (ln sigma spread 0.6) scored shapes 0.029 / FD 0.36 at 3, 0.017 / 1.13 at 5
+        # guidance 3: the CPU recipe's final model scored shapes 0.433 / 0.450 / 0.388 at guidance 2 / 3 / 4 (docs/training.md, P6)
         eval_suites=("shapes",), eval_kwargs={"steps": 20, "guidance": 3.0, "shapes_prompts_per_task": 10,
                                               "images_per_prompt": 4, "shapes_real_images": 500},
         download_retries=1, retry_delay=1.0),

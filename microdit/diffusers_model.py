@@ -41,7 +41,8 @@ class MicroDiTTransformer2DModel(MicroDiT, ModelMixin, ConfigMixin):
                  mixer_depth: int = _DEFAULTS.mixer_depth, mixer_dim: int = _DEFAULTS.mixer_dim,
                  mixer_ffn_ratio: float = _DEFAULTS.mixer_ffn_ratio, num_experts: int = _DEFAULTS.num_experts,
                  expert_capacity: float = _DEFAULTS.expert_capacity, experts_every_n: int = _DEFAULTS.experts_every_n,
-                 caption_mlp_ratio: float = _DEFAULTS.caption_mlp_ratio, norm_eps: float = _DEFAULTS.norm_eps):
+                 caption_mlp_ratio: float = _DEFAULTS.caption_mlp_ratio, norm_eps: float = _DEFAULTS.norm_eps,
+                 patch_skip: bool = _DEFAULTS.patch_skip):
         args = dict(locals())
         MicroDiT.__init__(self, MicroDiTConfig.from_dict({f.name: args[f.name] for f in fields(MicroDiTConfig)}))
 

@@ -48,6 +48,7 @@ class MicroDiTConfig:
     experts_every_n: int = 2           # MoE in blocks i with (i + 1) % n == 0 (never the last backbone block)
     caption_mlp_ratio: float = 4.0     # feed-forward ratio of the caption refinement block
     norm_eps: float = 1e-6
+    patch_skip: bool = False           # a learned linear map from each input patch to its output (not released)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -303,6 +304,19 @@ def make_block(cfg: MicroDiTConfig, width: int, attn_ratio: float, ffn_ratio: fl
     return DiTBlock(width, cfg.dim, cfg.attn_width(attn_ratio, width), ffn, cfg)
 
 
+class PatchSkip(nn.Module):
+    """out = W patch * (1 + g(c)): a linear map from a token's input patch to its output patch, gated by the
+    conditioning. It lets a model whose tokens cover many pixels remove per-pixel noise without carrying every
+    pixel through the transformer (zero at the start, so adding it changes nothing)."""
+    def __init__(self, dim: int, per_token: int):
+        super().__init__()
+        self.linear = nn.Linear(per_token, per_token, bias=False)
+        self.gate = nn.Linear(dim, per_token)
+
+    def forward(self, patches: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(patches) * (1 + self.gate(c)[:, None])
+
+
 class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_per_token: int, eps: float):
         super().__init__()
@@ -362,6 +376,8 @@ class MicroDiT(nn.Module):
         # Filled into dropped token positions of the output; a buffer (not learned), zero as released.
         self.register_buffer("mask_token", torch.zeros(1, 1, p * p * C))
         self.final_layer = FinalLayer(D, p * p * C, cfg.norm_eps)
+        if cfg.patch_skip:
+            self.patch_skip = PatchSkip(D, p * p * C)
         # Activation checkpointing: keep only each block's inputs for backward and recompute the rest
         # (a training option, not part of the model's layout; set by the training loop).
         self.activation_checkpointing = False
@@ -384,6 +400,7 @@ class MicroDiT(nn.Module):
         """
         self.check_inputs(x, t, y, mask_ratio, keep_ids)
         n, _, h, w = x.shape
+        x_in = x
         x = self.x_embedder(x.to(self.x_embedder.proj.weight.dtype))
         x = x + self._pos_embed(h // self.patch_size, w // self.patch_size, x)
         t = torch.as_tensor(t, device=x.device)
@@ -406,6 +423,9 @@ class MicroDiT(nn.Module):
         for block in self.blocks:
             x = self._block(block, x, y, c)
         x = self.final_layer(x, c)
+        if self.config.patch_skip:
+            patches = self.patchify(x_in.to(x.dtype))
+            x = x + self.patch_skip(patches if keep_ids is None else gather_tokens(patches, keep_ids), c)
         if keep_ids is not None:
             full = self.mask_token.to(x.dtype).expand(n, T, x.shape[-1]).clone()
             x = full.scatter(1, keep_ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
@@ -439,6 +459,13 @@ class MicroDiT(nn.Module):
         if gh * gw == self.pos_embed.shape[1] and gh == gw:
             return self.pos_embed.to(like.dtype)
         return sincos_pos_embed_2d(self.config.dim, (gh, gw), self.config.pos_interp_scale).to(like)[None]
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, T, p*p*C) in unpatchify's order."""
+        n, c, h, w = x.shape
+        p = self.patch_size
+        x = x.reshape(n, c, h // p, p, w // p, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)
 
     def unpatchify(self, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
         """(N, T, p*p*C) with per-token order (row in patch, column in patch, channel) -> (N, C, H, W)."""
@@ -496,10 +523,63 @@ class MicroDiT(nn.Module):
         nn.init.zeros_(self.y_emb_preprocess.mlp.w3.weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.linear.weight)
+        if self.config.patch_skip:
+            nn.init.zeros_(self.patch_skip.linear.weight)
+            nn.init.zeros_(self.patch_skip.gate.weight)
 
     # ---- compute accounting ----
     def flops(self, batch: int = 1, mask_ratio: float = 0.0, caption_len: int = 77) -> int:
         return estimate_flops(self.config, batch, mask_ratio, caption_len)
+
+
+# --------------------------------------------------------------------------------------------
+#                        Hand-over to a higher resolution with larger patches
+# --------------------------------------------------------------------------------------------
+
+def grow_patches(state_dict: dict, old_patch: int, new_patch: int, pixel_factor: int = 1) -> dict:
+    """Weights of a model with patch size `old_patch` carried to `new_patch` = k * old_patch for images k times
+    larger: each token then covers the same part of the image as before (the same token grid, so the same
+    position table), and the converted model draws, from an image upsampled k times (nearest), exactly the
+    old model's output upsampled k times.
+
+    The patch embedding sees each k x k block of pixels as their mean; the output layer repeats each pixel
+    k x k. `pixel_factor` is the space-to-depth factor of a pixel:<f> autoencoder (its latent channels are
+    sub-pixels, converted in pixel space); 1 for autoencoders whose latent cells are spatial (upsampled as
+    latents). Other weights are unchanged.
+    """
+    if new_patch % old_patch:
+        raise ValueError(f"patch size {old_patch} -> {new_patch}: the new size must be a multiple of the old")
+    k, f = new_patch // old_patch, pixel_factor
+    if k == 1:
+        return dict(state_dict)
+    if any(n.startswith("patch_skip.") for n in state_dict):
+        raise ValueError("a model with a patch skip cannot change its patch size (the skip maps whole patches): "
+                         "give patch_skip only to the stages with the larger patches")
+
+    def as_pixels(w):          # (D, C, p, p) latent kernel -> (D, C / f^2, p f, p f) pixel kernel
+        return F.pixel_shuffle(w, f) if f > 1 else w
+
+    def as_latents(w):
+        return F.pixel_unshuffle(w, f) if f > 1 else w
+
+    def grow(w, scale):        # (D, C, p, p) -> (D, C, k p, k p)
+        w = as_pixels(w.float()).repeat_interleave(k, -1).repeat_interleave(k, -2) * scale
+        return as_latents(w)
+
+    def grow_tokens(w):        # per-token outputs (p*p*C, ...) in (row, column, channel) order
+        p = old_patch
+        c = w.shape[0] // (p * p)
+        cols = w.reshape(p, p, c, -1).permute(3, 2, 0, 1)                  # (D, C, p, p)
+        out = grow(cols, 1.0)                                                # (D, C, kp, kp)
+        return out.permute(2, 3, 1, 0).reshape(new_patch * new_patch * c, *w.shape[1:])
+
+    out = dict(state_dict)
+    out["x_embedder.proj.weight"] = grow(state_dict["x_embedder.proj.weight"], 1.0 / (k * k))
+    out["final_layer.linear.weight"] = grow_tokens(state_dict["final_layer.linear.weight"])
+    out["final_layer.linear.bias"] = grow_tokens(state_dict["final_layer.linear.bias"][:, None])[:, 0]
+    if "mask_token" in state_dict:
+        out["mask_token"] = grow_tokens(state_dict["mask_token"].reshape(-1, 1)).reshape(1, 1, -1)
+    return {n: v.to(state_dict[n].dtype) for n, v in out.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,6 +641,9 @@ def estimate_flops(cfg: MicroDiTConfig, batch: int = 1, mask_ratio: float = 0.0,
     for i, (ra, rf) in enumerate(cfg.backbone_ratios()):
         total += block(D, tokens_backbone, cfg.attn_width(ra, D), rf, cfg.is_moe(i, cfg.depth, False))
     total += 2 * Tk * D * cfg.patch_size ** 2 * cfg.in_channels
+    if cfg.patch_skip:
+        per_token = cfg.patch_size ** 2 * cfg.in_channels
+        total += 2 * Tk * per_token * per_token + 2 * D * per_token                # skip map, its gate
     return int(total * batch)
 
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from microdit.model import (DiTBlock, ExpertChoiceMoE, MicroDiT, SelfAttention, TimestepEmbedder, create_model,
-                            estimate_flops, random_keep_ids, sincos_pos_embed_2d)
+                            estimate_flops, grow_patches, random_keep_ids, sincos_pos_embed_2d)
 
 TSV = os.path.join(os.path.dirname(__file__), "data", "microdit_xl2_state_dict.tsv")
 
@@ -286,6 +286,61 @@ def test_mask_ratio_zero_equals_keeping_all_tokens_in_any_order():
     torch.testing.assert_close(model(x, t[:1].expand(2), y.unsqueeze(1)), model(x, t[0], y), atol=0, rtol=0)
 
 
+# --------------------------------------------------------------------------------------------
+#                   Hand-over to larger patches (grow_patches) and the patch skip
+# --------------------------------------------------------------------------------------------
+
+def up2(a: torch.Tensor) -> torch.Tensor:
+    return a.repeat_interleave(2, -1).repeat_interleave(2, -2)
+
+
+@pytest.mark.parametrize("pixel_factor", [1, 2])
+def test_grown_model_draws_the_old_models_output_upsampled(pixel_factor):
+    """Patch 2 -> 4 for images twice as large: on a nearest-upsampled image the grown model's output is the
+    old output upsampled, in pixel space for a pixel:2 autoencoder, in latent space otherwise."""
+    C = 12 if pixel_factor == 2 else 4
+    old = tiny_model(in_channels=C, latent_res=8)
+    new = tiny_model(in_channels=C, latent_res=16, patch_size=4)
+    grown = {k: v for k, v in grow_patches(old.state_dict(), 2, 4, pixel_factor).items() if k != "pos_embed"}
+    assert new.load_state_dict(grown, strict=False).missing_keys == ["pos_embed"]
+    assert torch.equal(new.pos_embed, old.pos_embed)                      # the same 4 x 4 token grid
+
+    def to_image(z):
+        return F.pixel_shuffle(z, pixel_factor) if pixel_factor > 1 else z
+
+    def to_latent(im):
+        return F.pixel_unshuffle(im, pixel_factor) if pixel_factor > 1 else im
+    x, t, y = inputs(old)
+    keep = random_keep_ids(2, 16, 0.75, generator=torch.Generator().manual_seed(2))
+    for kw in ({}, {"keep_ids": keep}):
+        with torch.no_grad():
+            small = to_image(old(x, t, y, **kw))
+            large = to_image(new(to_latent(up2(to_image(x))), t, y, **kw))
+        torch.testing.assert_close(large, up2(small), atol=1e-5, rtol=1e-5)
+    assert (large - up2(small)).abs().max() < 1e-5 < small.abs().mean()
+    # an ungrown copy (weights loaded as they are, by shape where they fit) is not the same function
+    with pytest.raises(ValueError, match="multiple"):
+        grow_patches(old.state_dict(), 2, 3)
+
+
+def test_patch_skip_starts_at_zero_and_is_a_per_patch_linear_map():
+    base = tiny_model(in_channels=12, latent_res=16, patch_size=4)
+    skip = create_model("MicroDiT_Nano_2", latent_res=16, in_channels=12, caption_channels=32, patch_size=4,
+                        patch_skip=True).eval()
+    missing = skip.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["patch_skip.gate.bias", "patch_skip.gate.weight", "patch_skip.linear.weight"]
+    x, t, y = inputs(base)
+    with torch.no_grad():
+        torch.testing.assert_close(skip(x, t, y), base(x, t, y), atol=0, rtol=0)     # a fresh skip adds nothing
+        skip.patch_skip.linear.weight.copy_(torch.eye(192))
+        x2 = x.clone()
+        x2[:, :, :4, :4] += 1.0                                                        # the first patch only
+        d = skip(x2, t, y) - base(x2, t, y) - (skip(x, t, y) - base(x, t, y))
+    assert torch.allclose(d[:, :, :4, :4], torch.ones_like(d[:, :, :4, :4]), atol=1e-5)
+    assert d[:, :, 4:, :].abs().max() < 1e-6 and d[:, :, :, 4:].abs().max() < 1e-6
+    assert torch.equal(skip.unpatchify(skip.patchify(x), 4, 4), x)
+
+
 def test_random_keep_ids_are_distinct_reproducible_and_sized():
     a = random_keep_ids(3, 64, 0.75, generator=torch.Generator().manual_seed(1))
     b = random_keep_ids(3, 64, 0.75, generator=torch.Generator().manual_seed(1))
@@ -324,15 +379,16 @@ def test_masked_training_step_runs_and_reaches_all_parameters_of_the_backbone():
 #                                        FLOP accounting
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mask_ratio,mixer", [(0.0, True), (0.75, True), (0.5, False)])
-def test_estimate_flops_equals_counted_matmul_flops(mask_ratio, mixer, monkeypatch):
+@pytest.mark.parametrize("mask_ratio,mixer,skip", [(0.0, True, False), (0.75, True, False), (0.5, False, False),
+                                                   (0.75, True, True)])
+def test_estimate_flops_equals_counted_matmul_flops(mask_ratio, mixer, skip, monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 
     def math_attention(q, k, v, **kw):       # the CPU counter does not see fused SDPA: spell it out as matmuls
         return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
     monkeypatch.setattr(F, "scaled_dot_product_attention", math_attention)
     model = create_model("MicroDiT_Nano_2", latent_res=16, in_channels=4, caption_channels=32,
-                         patch_mixer=mixer, mixer_dim=96)
+                         patch_mixer=mixer, mixer_dim=96, patch_skip=skip)
     x, t, y = inputs(model, n=2, L=6)
     keep = random_keep_ids(2, 64, mask_ratio) if mask_ratio > 0 else None
     with FlopCounterMode(display=False) as counter, torch.no_grad():

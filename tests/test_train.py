@@ -57,7 +57,10 @@ def test_cpu_stages_mirror_the_paper_at_16_and_32_px():
     assert [s.resolution for s in CPU_STAGES] == [16, 16, 32, 32]
     assert [s.mask_ratio for s in CPU_STAGES] == [0.75, 0, 0.75, 0]
     assert all(s.preset == "MicroDiT_Mini_2" and s.batch_size == 64 for s in CPU_STAGES)
-    assert CPU_STAGES[0].steps > CPU_STAGES[1].steps and CPU_STAGES[2].steps > CPU_STAGES[3].steps
+    assert CPU_STAGES[0].steps > CPU_STAGES[1].steps
+    # 32 px keeps the 16 px token grid: patches of 4 latent cells (not 2), positions as at 16 px, a patch skip
+    assert [s.model_overrides for s in CPU_STAGES] == [{}, {}] + [{"patch_size": 4, "patch_skip": True}] * 2
+    assert [s.pos_interp_scale for s in CPU_STAGES] == [1, 1, 1, 1]
 
 
 def test_every_config_field_has_a_comment():
@@ -165,6 +168,40 @@ def test_next_stage_starts_from_previous_weights_with_new_positions(data, tmp_pa
     for k, v in model.state_dict().items():
         if k != "pos_embed":
             assert torch.equal(v, prev[k]), k
+
+
+def test_larger_patches_at_32px_start_from_stage_twos_images_upsampled(data, tmp_path):
+    """The CPU recipe's hand-over: a 16 px stage with patch 2, then a 32 px stage with patch 4 and a patch skip
+    (the same 4 x 4 token grid): the 32 px model built from the 16 px final draws, from an upsampled image,
+    the 16 px model's output upsampled (pixel:2 latents are converted in pixel space)."""
+    import torch.nn.functional as F
+    from microdit.checkpoint import load_model
+    from microdit.data import open_latent_sets
+    grow = {"patch_size": 4, "patch_skip": True}
+    finals = run_stages([tiny(data, tmp_path / "a", steps=3, name="a"),
+                         tiny(data, tmp_path / "b", steps=2, name="b", resolution=32, mask_ratio=0.75,
+                              model_overrides=grow)])
+    small, _ = load_model(str(finals[0]))
+    large = build_model(tiny(data, tmp_path / "x", resolution=32, model_overrides=grow, init_from=str(finals[0])),
+                        open_latent_sets([data[0]])).eval()
+    assert large.patch_size == 4 and large.pos_embed.shape[1] == small.pos_embed.shape[1] == 16
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 3, 16, 16, generator=g)
+    t, y = torch.randn(2, generator=g), torch.randn(2, 4, small.config.caption_channels, generator=g)
+
+    def up(a):
+        return a.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    with torch.no_grad():
+        want = up(F.pixel_shuffle(small.eval()(F.pixel_unshuffle(image, 2), t, y), 2))
+        got = F.pixel_shuffle(large(F.pixel_unshuffle(up(image), 2), t, y), 2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    trained, meta = load_model(str(finals[1]))                  # the 32 px stage trained and saved its layout
+    assert meta["model"]["patch_size"] == 4 and meta["model"]["patch_skip"] is True
+    assert trained.patch_skip.linear.weight.abs().sum() > 0
+    # a stage whose patches do not grow by a whole factor is refused, naming the folder
+    with pytest.raises(ValueError, match=r"init_from .*a.final: patch size 2 -> 3"):
+        build_model(tiny(data, tmp_path / "y", resolution=32, model_overrides={"patch_size": 3},
+                         init_from=str(finals[0])), open_latent_sets([data[0]]))
 
 
 def test_resume_after_a_stop_replays_the_same_losses(data, tmp_path):

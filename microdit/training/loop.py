@@ -40,7 +40,8 @@ class TrainingDiverged(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 def build_model(cfg: TrainConfig, schema):
-    """The stage's model: fresh, or the previous stage's weights with positions for this resolution."""
+    """The stage's model: fresh, or the previous stage's weights with positions for this resolution (and,
+    where this stage's patches are larger than the previous stage's, carried over by `grow_patches`)."""
     from ..model import create_model
     latent_res = cfg.resolution // schema.downsample
     model = create_model(cfg.preset, latent_res=latent_res, in_channels=schema.latent_channels,
@@ -53,12 +54,30 @@ def build_model(cfg: TrainConfig, schema):
         if not (path / "model.safetensors").exists():
             raise FileNotFoundError(f"init_from {path}: no model.safetensors (a finished stage's final/ folder)")
         sd = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if k != "pos_embed"}
+        old_patch = _saved_patch_size(path)
+        if old_patch and old_patch != model.patch_size:
+            from ..model import grow_patches
+            pixel = schema.image_autoencoder.startswith("pixel")
+            try:
+                sd = grow_patches(sd, old_patch, model.patch_size, schema.downsample if pixel else 1)
+            except ValueError as e:
+                raise ValueError(f"init_from {path}: {e}") from None
         missing, unexpected = model.load_state_dict(sd, strict=False)
-        if unexpected or set(missing) != {"pos_embed"}:
+        fresh = {k for k in missing if k.startswith("patch_skip.")}    # added at this stage: starts at zero
+        if unexpected or set(missing) - fresh != {"pos_embed"}:
             raise ValueError(f"init_from {path} does not match preset {cfg.preset} with overrides "
                              f"{cfg.model_overrides}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.set_resolution(latent_res, cfg.pos_interp_scale)
     return model
+
+
+def _saved_patch_size(path: Path) -> int:
+    """The patch size in a final folder's config.json (0 if it does not say)."""
+    from ..checkpoint import CONFIG_NAME as MODEL_CONFIG
+    try:
+        return int(json.loads((path / MODEL_CONFIG).read_text())["model"]["patch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _infinite(loader):
