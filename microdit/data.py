@@ -21,6 +21,8 @@ each run its own TMPDIR and unlinks what a killed run of the same folder left be
 """
 from __future__ import annotations
 
+import contextlib
+
 import mmap
 import os
 import tempfile
@@ -226,7 +228,7 @@ def latent_loader(folders, resolution: int, batch_size: int, seed: int = 0, shuf
     streams = [Stream(remote=remote, local=local, proportion=p) for (remote, local), p in zip(views, props)]
     any_remote = any(remote is not None for remote, _ in views)
     cls = _make_dataset_class()
-    with _tmpdir(tmp):           # streaming places its file locks in gettempdir() at construction
+    with _tmpdir(tmp), _transient_prefix_scan():   # file locks in gettempdir(); see _transient_prefix_scan
         ds = cls(latent_key=LatentSchema.latent_key(resolution), streams=streams, shuffle=shuffle,
                  shuffle_seed=int(seed), batch_size=batch_size, num_canonical_nodes=int(num_canonical_nodes),
                  sampling_method="fixed" if proportions else "balanced",
@@ -239,11 +241,52 @@ def latent_loader(folders, resolution: int, batch_size: int, seed: int = 0, shuf
                                persistent_workers=int(num_workers) > 0)
 
 
+@contextlib.contextmanager
+def _transient_prefix_scan():
+    """While a StreamingDataset looks for a free shared-memory name it attaches to the blocks of every live
+    dataset and registers each handle to be closed at exit, so a process leaks descriptors in proportion to
+    datasets made x datasets alive. Handles attached here (never created) close when dropped instead."""
+    from streaming.base.shared import prefix
+    from streaming.base.shared.memory import SharedMemory
+
+    def attach_or_create(name=None, create=None, size=0, auto_cleanup=True):
+        return SharedMemory(name, create, size, auto_cleanup=auto_cleanup and create is not False)
+    prefix.SharedMemory = attach_or_create
+    try:
+        yield
+    finally:
+        prefix.SharedMemory = SharedMemory
+
+
 def close_loader(loader) -> None:
-    """Stop a loader's background threads (streaming keeps downloading ahead until told)."""
+    """Stop a loader's background threads (streaming keeps downloading ahead until told) and release its
+    shared memory: streaming holds each block open until the process exits (six file descriptors per
+    dataset), so a process that trains stage after stage would otherwise run out of descriptors."""
     event = getattr(loader.dataset, "_event", None)
     if event is not None:
         event.set()
+    release_shared_memory(loader.dataset)
+
+
+def release_shared_memory(dataset) -> None:
+    """Close (and, where this process created them, unlink) a StreamingDataset's shared-memory blocks now,
+    instead of at exit. Call it only when no process will read the dataset again."""
+    import atexit
+    from streaming.base.shared.memory import SharedMemory
+
+    def visit(obj, depth: int) -> None:
+        if isinstance(obj, SharedMemory):
+            atexit.unregister(obj.cleanup)
+            try:
+                obj.cleanup()
+            except BufferError:           # a view of the block is still alive: leave it to exit
+                atexit.register(obj.cleanup)
+            return
+        if depth < 3:
+            for value in list(vars(obj).values()) if hasattr(obj, "__dict__") else ():
+                if obj is dataset or type(value).__module__.startswith("streaming.base.shared"):
+                    visit(value, depth + 1)
+    visit(dataset, 0)
 
 
 def default_cache_dir() -> Path:

@@ -148,3 +148,28 @@ def test_run_tmp_is_private_and_stale_shared_memory_of_a_dead_run_is_unlinked(tm
     next(iter(loader))
     assert any(p.name.endswith("_filelock") for p in tmp.iterdir())
     assert os.environ.get("TMPDIR") != str(tmp)
+
+
+def test_closing_a_loader_releases_its_shared_memory(sets, tmp_path):
+    """streaming keeps every shared-memory block of a dataset open until the process exits, and each new
+    dataset opens the blocks of every live one while it looks for a free name: a process that trains stage
+    after stage (a test session, a worker running four stages) ran out of file descriptors. Closed loaders
+    give their blocks back at once."""
+    from microdit.data import close_loader
+
+    def descriptors():
+        return len(os.listdir("/proc/self/fd"))
+
+    def blocks(loader):
+        prefix = f"{int(loader.dataset._shm_prefix_int):06d}_"
+        return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    before = descriptors()
+    kept = []
+    for i in range(12):
+        loader = latent_loader([sets[0]], 16, batch_size=8, run_dir=tmp_path / f"r{i}")
+        next(iter(loader))
+        assert len(blocks(loader)) >= 5
+        close_loader(loader)
+        assert blocks(loader) == []
+        kept.append(loader)              # still referenced, as a finished stage's trainer keeps it
+    assert descriptors() - before < 2 * 12, descriptors() - before     # ~20 per loader without the release
