@@ -70,6 +70,27 @@ def save_model(folder, model: MicroDiT, *, preset: str, image_autoencoder: str, 
     return folder
 
 
+def read_meta(folder) -> tuple[dict, MicroDiTConfig]:
+    """A model folder's config.json, checked (it may come from anywhere): (meta, the model's layout).
+    Its `edm` entry is checked too: it is what every sampler of the model uses."""
+    cfg_file = Path(folder) / CONFIG_NAME
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file} is missing: a MicroDiT model folder holds {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME} (written by microdit.checkpoint.save_model)")
+    damaged = "the folder is damaged: export or download it again"
+    try:
+        meta = json.loads(cfg_file.read_text())
+        fmt = meta.get("format")
+        config = MicroDiTConfig.from_dict(meta["model"]) if fmt == FORMAT else None
+        if config is not None:
+            EDMConfig.from_dict(meta.get("edm") or {})
+    except (ValueError, AttributeError, KeyError, TypeError) as e:        # JSON, unknown fields, wrong types
+        raise UserError(f"{cfg_file} is not a valid MicroDiT config ({type(e).__name__}: {e}): {damaged}") from None
+    if config is None:
+        raise UserError(f"{cfg_file}: 'format' is {fmt!r}, expected {FORMAT!r}: not a MicroDiT model folder")
+    return meta, config
+
+
 def load_model(path: str, *, preset: str | None = None, device="cpu", dtype=torch.float32,
                image_autoencoder: str | None = None, text_encoder: str | None = None) -> tuple[MicroDiT, dict]:
     """Load a DiT from our folder, a hub repo id, or a released `.pt` state dict; returns (model, meta).
@@ -91,21 +112,8 @@ def load_model(path: str, *, preset: str | None = None, device="cpu", dtype=torc
     else:
         raise FileNotFoundError(f"checkpoint {path}: no such folder or file (a MicroDiT folder holds {CONFIG_NAME} "
                                 f"and {WEIGHTS_NAME}; a released checkpoint is a .pt file; a hub id is owner/name)")
-    cfg_file = folder / CONFIG_NAME
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{cfg_file} is missing: a MicroDiT model folder holds {CONFIG_NAME} and "
-                                f"{WEIGHTS_NAME} (written by microdit.checkpoint.save_model)")
+    meta, config = read_meta(folder)
     damaged = "the folder is damaged: export or download it again"
-    try:
-        meta = json.loads(cfg_file.read_text())
-        fmt = meta.get("format")
-        config = MicroDiTConfig.from_dict(meta["model"]) if fmt == FORMAT else None
-        if config is not None:
-            EDMConfig.from_dict(meta.get("edm") or {})        # what every sampler of this model will use
-    except (ValueError, AttributeError, KeyError, TypeError) as e:        # JSON, unknown fields, wrong types
-        raise UserError(f"{cfg_file} is not a valid MicroDiT config ({type(e).__name__}: {e}): {damaged}") from None
-    if config is None:
-        raise UserError(f"{cfg_file}: 'format' is {fmt!r}, expected {FORMAT!r}: not a MicroDiT model folder")
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     weights = folder / WEIGHTS_NAME

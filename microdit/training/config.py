@@ -240,14 +240,12 @@ def resolve_data_mean(cfg: TrainConfig) -> float:
     if cfg.data_mean != "auto":
         return float(cfg.data_mean)
     if cfg.init_from:
-        from ..checkpoint import CONFIG_NAME
-        meta_file = Path(cfg.init_from) / CONFIG_NAME
+        from ..checkpoint import CONFIG_NAME, read_meta
         try:
-            return EDMConfig.from_dict(json.loads(meta_file.read_text()).get("edm") or {}).data_mean
+            meta, _ = read_meta(cfg.init_from)
         except FileNotFoundError:
             raise UserError(f"init_from {cfg.init_from}: no {CONFIG_NAME} (a finished stage's final/ folder)") from None
-        except (OSError, ValueError, AttributeError) as e:
-            raise UserError(f"{meta_file} is not a valid MicroDiT config ({e}): the folder is damaged") from None
+        return EDMConfig.from_dict(meta.get("edm") or {}).data_mean
     from ..data import LatentSet
     means = []
     for folder in cfg.data:

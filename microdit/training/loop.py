@@ -54,8 +54,9 @@ def build_model(cfg: TrainConfig, schema):
         if not (path / "model.safetensors").exists():
             raise FileNotFoundError(f"init_from {path}: no model.safetensors (a finished stage's final/ folder)")
         sd = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if k != "pos_embed"}
-        old_patch = _saved_patch_size(path)
-        if old_patch and old_patch != model.patch_size:
+        from ..checkpoint import read_meta
+        old_patch = read_meta(path)[1].patch_size
+        if old_patch != model.patch_size:
             from ..model import grow_patches
             pixel = schema.image_autoencoder.startswith("pixel")
             try:
@@ -69,15 +70,6 @@ def build_model(cfg: TrainConfig, schema):
                              f"{cfg.model_overrides}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.set_resolution(latent_res, cfg.pos_interp_scale)
     return model
-
-
-def _saved_patch_size(path: Path) -> int:
-    """The patch size in a final folder's config.json (0 if it does not say)."""
-    from ..checkpoint import CONFIG_NAME as MODEL_CONFIG
-    try:
-        return int(json.loads((path / MODEL_CONFIG).read_text())["model"]["patch_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
 
 
 def _infinite(loader):
